@@ -1,0 +1,99 @@
+"""One entry point from a user's path to a loaded model, tokenizer and generation defaults.
+
+A path is either a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json) or a GGUF
+file; which one is decided by what is on disk (a directory, or a file starting with the GGUF magic), never by
+the name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen2_triton.model.config import Qwen2Config
+from qwen2_triton.model.qwen2 import Qwen2Model
+from qwen2_triton.model.weights import iter_safetensors, load_into, safetensors_files
+
+# generation_config.json keys that become SamplingParams defaults (vLLM's convention)
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                   "repetition_penalty": "repetition_penalty", "min_p": "min_p", "max_new_tokens": "max_tokens"}
+
+
+@dataclass
+class LoadedModel:
+    model: Qwen2Model
+    tokenizer: object  # model.tokenizer.Tokenizer
+    generation_defaults: dict = field(default_factory=dict)
+    eos_token_ids: tuple[int, ...] = ()
+    source: str = ""
+
+
+def is_gguf_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progress: bool = True) -> LoadedModel:
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if os.path.isdir(path):
+        return _load_hf_dir(path, dtype, device, ops, progress)
+    if is_gguf_file(path):
+        return _load_gguf(path, dtype, device, ops, progress)
+    raise ValueError(f"{path} is neither a checkpoint directory (config.json + safetensors) nor a GGUF file")
+
+
+def _load_hf_dir(path: str, dtype, device, ops, progress) -> LoadedModel:
+    from qwen2_triton.model.tokenizer import Tokenizer
+
+    cfg = Qwen2Config.from_file(os.path.join(path, "config.json"))
+    files = safetensors_files(path)
+    tokenizer = Tokenizer.from_dir(path)
+    model = Qwen2Model(cfg, ops, dtype, device)
+    load_into(model.params, cfg, iter_safetensors(files), source=path, progress=progress)
+    gen = _read_generation_config(os.path.join(path, "generation_config.json"))
+    eos = _eos_ids(cfg.eos_token_id, gen.pop("eos_token_id", ()), tokenizer)
+    return LoadedModel(model, tokenizer, gen, eos, path)
+
+
+def _load_gguf(path: str, dtype, device, ops, progress) -> LoadedModel:
+    from qwen2_triton.model.gguf_loader import load_gguf
+
+    g = load_gguf(path, dtype=dtype, device="cpu", progress=False)
+    cfg = Qwen2Config.from_dict(g.config, source=path)
+    model = Qwen2Model(cfg, ops, dtype, device)
+    load_into(model.params, cfg, _items(g.tensors), source=path, progress=progress)
+    defaults = {GENERATION_KEYS[k]: v for k, v in (g.generation_defaults or {}).items() if k in GENERATION_KEYS}
+    eos = _eos_ids(cfg.eos_token_id, (), g.tokenizer)
+    return LoadedModel(model, g.tokenizer, defaults, eos, path)
+
+
+def _items(tensors):
+    return tensors.items() if isinstance(tensors, dict) else tensors
+
+
+def _read_generation_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    out = {GENERATION_KEYS[k]: raw[k] for k in GENERATION_KEYS if raw.get(k) is not None}
+    if raw.get("eos_token_id") is not None:
+        e = raw["eos_token_id"]
+        out["eos_token_id"] = tuple(e) if isinstance(e, list) else (e,)
+    if raw.get("do_sample") is False:  # HF's greedy switch: sampling fields are then ignored
+        out["temperature"] = 0.0
+    return out
+
+
+def _eos_ids(config_eos, gen_eos, tokenizer) -> tuple[int, ...]:
+    """Stop on every end-of-sequence id: config.json's, generation_config's list, and the tokenizer's own
+    (<|im_end|> and <|endoftext|> for Qwen)."""
+    ids = list(config_eos) + list(gen_eos) + list(getattr(tokenizer, "eos_token_ids", ()))
+    return tuple(dict.fromkeys(int(i) for i in ids))

@@ -1,0 +1,84 @@
+"""The Qwen2 graph. It names the math; every op with a kernel comes from ``ops`` (runtime/backend.py).
+
+    h = embed(ids)
+    per layer:  x, r = norm1(h, r);  q,k,v = x @ Wqkv + b;  q,k = rope(q,k);  cache <- k,v
+                a = attn(q, cache);  h = a @ Wo;  x, r = norm2(h, r);  h = swiglu(x @ Wgu) @ Wdown
+    x, _ = norm(h, r);  logits = x[rows] @ lm_head
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwen2_triton.kernels.attention import AttentionMetadata
+from qwen2_triton.kernels.rotary import build_cos_sin_cache
+from qwen2_triton.model.config import Qwen2Config
+
+
+def parameter_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the fused model, by name (HF prefixes, fused qkv_proj and gate_up_proj)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.qkv_proj.weight": (qkv, h),
+            p + "self_attn.qkv_proj.bias": (qkv,),
+            p + "self_attn.o_proj.weight": (h, cfg.q_size),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_up_proj.weight": (2 * i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        })
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+class Qwen2Model:
+    """Parameters in a flat dict plus a forward over a packed batch; no autograd, no nn.Module machinery."""
+
+    def __init__(self, cfg: Qwen2Config, ops, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.ops, self.dtype, self.device = cfg, ops, dtype, device
+        self.params = {n: torch.empty(s, dtype=dtype, device=device) for n, s in parameter_shapes(cfg).items()}
+        inv_freq, attn_factor = cfg.rope.inv_freq_and_attention_factor(cfg.head_dim)
+        self.cos_sin = build_cos_sin_cache(inv_freq, cfg.max_model_len, attn_factor, device=device)
+        self.scale = cfg.head_dim ** -0.5
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.params["model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_rows: torch.Tensor | None) -> torch.Tensor:
+        """input_ids, positions: (T,). Returns float32 logits (len(logits_rows), vocab) for the requested rows
+        (all rows when None)."""
+        cfg, ops, P = self.cfg, self.ops, self.params
+        T = input_ids.shape[0]
+        h = F.embedding(input_ids, P["model.embed_tokens.weight"])  # (T, H)
+        residual = None
+        for n in range(cfg.num_hidden_layers):
+            p = f"model.layers.{n}."
+            if residual is None:
+                x, residual = ops.rms_norm(h, P[p + "input_layernorm.weight"], cfg.rms_norm_eps), h
+            else:
+                x, residual = ops.rms_norm(h, P[p + "input_layernorm.weight"], cfg.rms_norm_eps, residual)
+            qkv = F.linear(x, P[p + "self_attn.qkv_proj.weight"], P[p + "self_attn.qkv_proj.bias"])
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = q.view(T, cfg.num_attention_heads, cfg.head_dim)  # (T, Hq, D) views into qkv
+            k = k.view(T, cfg.num_key_value_heads, cfg.head_dim)
+            v = v.view(T, cfg.num_key_value_heads, cfg.head_dim)
+            q, k = ops.rotary(q, k, positions, self.cos_sin)
+            k_cache, v_cache = kv_caches[n]
+            ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            a = ops.attention(q, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
+            h = F.linear(a.reshape(T, cfg.q_size), P[p + "self_attn.o_proj.weight"])
+            x, residual = ops.rms_norm(h, P[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps, residual)
+            h = F.linear(ops.swiglu(F.linear(x, P[p + "mlp.gate_up_proj.weight"])), P[p + "mlp.down_proj.weight"])
+        x, _ = ops.rms_norm(h, P["model.norm.weight"], cfg.rms_norm_eps, residual)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return F.linear(x, self.lm_head).float()
