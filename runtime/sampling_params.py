@@ -1,0 +1,123 @@
+"""SamplingParams and RequestOutput, following vLLM's offline API.
+
+Fields left as None are "unset": they take the checkpoint's generation_config.json value (temperature, top_p,
+top_k, repetition_penalty, min_p, max_new_tokens -> max_tokens) when the LLM was built with
+generation_config="auto" (the default), else the neutral value in ``NEUTRAL``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+           "max_tokens": 16}
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None  # (0, 1]
+    top_k: int | None = None  # -1 = off, else >= 1
+    min_p: float | None = None  # [0, 1]
+    repetition_penalty: float | None = None  # > 0; HF semantics over prompt + output tokens
+    presence_penalty: float = 0.0  # OpenAI semantics over output tokens
+    frequency_penalty: float = 0.0
+    stop: list[str] | str | None = None  # stop strings, excluded from the text
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None  # same seed, same tokens, whatever else is in the batch
+    logprobs: int | None = None  # top-k alternatives per generated token (plus the sampled one)
+    prompt_logprobs: int | None = None  # same for each prompt token (plus the prompt token itself)
+    skip_special_tokens: bool = True
+
+    def resolved(self, defaults: dict) -> "SamplingParams":
+        """A copy with unset fields filled from ``defaults`` (generation_config) then NEUTRAL, validated."""
+        values = {}
+        for k, neutral in NEUTRAL.items():
+            v = getattr(self, k)
+            values[k] = v if v is not None else defaults.get(k, neutral)
+        out = replace(self, **values)
+        if isinstance(out.stop, str):
+            out.stop = [out.stop]
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not _finite(self.temperature) or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
+            bad("top_k", "must be -1 (off) or an integer >= 1")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _finite(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                bad(name, "must be None or an integer >= 0")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer")
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a non-empty string or a list of non-empty strings")
+        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length"
+    logprobs: list[dict[int, float]] | None = None
+    stop_reason: int | str | None = None  # the eos/stop token id or stop string that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    finished: bool = True
+
+    # Shortcuts to the single completion, for users who think of one output per prompt.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self):
+        return self.outputs[0].logprobs
+
+
+__all__ = ["SamplingParams", "RequestOutput", "CompletionOutput", "NEUTRAL"]

@@ -1,0 +1,87 @@
+"""Continuous batching: every step packs decode tokens of running sequences and prefill chunks of new ones.
+
+Each step has a token budget (``max_num_batched_tokens``). Running sequences come first (a decode is one
+token; an unfinished prefill continues with its next chunk), then waiting ones are admitted while the budget,
+``max_num_seqs`` and free KV blocks allow. When a running sequence cannot get the block it needs, the most
+recently admitted one is preempted: its blocks are freed and it is recomputed later (prompt + output so far).
+A request that could never fit in the whole pool is rejected before it is queued, so nothing waits forever.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from qwen2_triton.runtime.block_manager import BlockManager
+from qwen2_triton.runtime.sequence import Sequence, Status
+
+
+@dataclass
+class Chunk:
+    seq: Sequence
+    start: int  # first token index (position) computed in this step
+    length: int  # tokens computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so its last row yields the next token."""
+        return self.start + self.length == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[Chunk] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break  # seq itself was preempted: everything after it already was
+            self.blocks.grow(seq, seq.num_computed + n)
+            chunks.append(Chunk(seq, seq.num_computed, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(Chunk(seq, seq.num_computed, n))
+            budget -= n
+        return chunks
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED
