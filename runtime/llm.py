@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence as Seq
 import torch
 
 from qwen2_triton.model.loader import load_model
+from qwen2_triton.model.tokenizer import IncrementalDetokenizer
 from qwen2_triton.runtime.backend import select_ops
 from qwen2_triton.runtime.block_manager import BlockManager
 from qwen2_triton.runtime.device import resolve_device, resolve_dtype
@@ -17,6 +18,7 @@ from qwen2_triton.runtime.scheduler import Scheduler
 from qwen2_triton.runtime.sequence import Sequence, Status
 
 GENERATION_CONFIG_CHOICES = ("auto", "none")
+CPU_DEFAULT_KV_TOKENS = 32768
 
 
 class LLM:
@@ -35,7 +37,7 @@ class LLM:
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: token budget of one step (longer prompts are prefilled in chunks).
         kv_cache_tokens: KV pool size in tokens; default: from free GPU memory x gpu_memory_utilization on CUDA,
-            max_model_len tokens on CPU.
+            min(max_model_len, 32768) tokens on CPU.
     """
 
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", device: str | None = None,
@@ -87,7 +89,8 @@ class LLM:
                 raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free); "
                                  f"raise gpu_memory_utilization or pass kv_cache_tokens")
             return n
-        return -(-self.max_model_len // block_size) + 1
+        # CPU: room for one full-length sequence, capped so a YaRN-extended context does not claim GBs unasked
+        return -(-min(self.max_model_len, CPU_DEFAULT_KV_TOKENS) // block_size) + 1
 
     # ----------------------------------------------------------------------------------------------- API
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
@@ -164,7 +167,7 @@ class LLM:
                                  f"{self.blocks.capacity_tokens} tokens; raise kv_cache_tokens")
             seed = sp.seed if sp.seed is not None else random.getrandbits(32)
             seq = Sequence(next(self._ids), ids, sp, seed=(seed ^ (seed >> 32)) & 0xFFFFFFFF, prompt=text)
-            seq.detok = self.tokenizer.incremental_detokenizer(ids, skip_special_tokens=sp.skip_special_tokens)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=sp.skip_special_tokens)
             seq.logprobs = [] if sp.logprobs is not None else None
             seq.prompt_logprobs = [None] if sp.prompt_logprobs is not None else None
             seqs.append(seq)
@@ -205,7 +208,7 @@ class LLM:
         if (not sp.ignore_eos and token in self.eos_token_ids) or (sp.stop_token_ids and token in sp.stop_token_ids):
             return self._finish(seq, "stop", token)
         before = len(seq.text)
-        seq.text += seq.detok.push(token)
+        seq.text += seq.detok.add(token)
         if sp.stop:
             hit = _find_stop(seq.text, sp.stop, before)
             if hit is not None:
@@ -216,6 +219,8 @@ class LLM:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        if not isinstance(stop_reason, str):  # a stop string already cut the text; else emit what is held back
+            seq.text += seq.detok.flush()
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 

