@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +73,7 @@ def _load_gguf(path: str, dtype, device, ops, progress) -> LoadedModel:
 
 
 def _items(tensors):
-    return tensors.items() if isinstance(tensors, dict) else tensors
+    return tensors.items() if isinstance(tensors, Mapping) else tensors
 
 
 def _read_generation_config(path: str) -> dict:
