@@ -73,14 +73,16 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(pos, dtype=torch.int64, device=dev)
         rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
-        logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows) if logit_rows else None
+        # Always run the model, even when no row needs logits (a prefill chunk that does not reach the end of
+        # its prompt): its keys and values must land in the cache.
+        logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
         for c in chunks:
             c.seq.num_computed = c.start + c.length
         return self._sample(logits, row_of)
 
     def _sample(self, logits: torch.Tensor | None, row_of: list) -> StepResult:
         result = StepResult({}, {}, {})
-        if logits is None:
+        if not row_of:
             return result
         sample_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "sample"]
         prompt_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "prompt"]

@@ -63,10 +63,12 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, seq.num_computed + n):
+            # Admission reserves blocks for the whole prompt (+ output so far, after a preemption): admitting
+            # on the first chunk alone lets a long prompt be preempted mid-prefill and recomputed over and over.
+            if not self.blocks.can_grow(seq, seq.num_tokens):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_computed + n)
+            self.blocks.grow(seq, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             chunks.append(Chunk(seq, seq.num_computed, n))
