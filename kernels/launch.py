@@ -1,0 +1,130 @@
+"""The one place that decides launch settings (BLOCK sizes, num_warps, num_stages, split-KV count).
+
+Every launcher in kernels/ asks these functions, and kernels/compile_check.py compiles exactly the configs they
+return, so a setting changed here is register/spill-checked for sm_80 and sm_90 before it reaches a GPU.
+
+Register counts quoted as "sm_80 | sm_90" come from ``python -m qwen2_triton.kernels.compile_check`` (triton
+3.9's ptxas). They were chosen without a GPU at hand: the throughput side is still to be measured with bench/.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Elementwise / row kernels: 8 elements per thread gives one 16-byte vector load per thread for bf16/fp16.
+_ELEMS_PER_THREAD = 8
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    BLOCK: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    BLOCK_M: int  # query rows per program (prefill) / padded GQA group rows (decode)
+    BLOCK_N: int  # keys per inner-loop tile
+    num_warps: int
+    num_stages: int
+    dot_precision: str = "tf32"  # ignored by Triton for bf16/fp16 operands (tensor cores are exact for them)
+
+
+def row_warps(block: int) -> int:
+    """Warps for a one-row-per-program kernel: ~8 elements per thread, between 1 and 16 warps (Liger's
+    calculate_settings also gives 8 warps at 2048; it stays at 8 up to 8192, we move to 16 at 4096 to keep
+    8 elements per thread)."""
+    return max(1, min(16, block // (32 * _ELEMS_PER_THREAD)))
+
+
+def rmsnorm_config(hidden: int) -> RowConfig:
+    """The whole row stays in registers (one pass): BLOCK = next_pow2(hidden), e.g. 896 -> 1024 with 4 warps,
+    3584 -> 4096 with 16 warps; at most 32 registers, no spill, for every Qwen2 hidden size and dtype."""
+    block = triton.next_power_of_2(hidden)
+    return RowConfig(BLOCK=block, num_warps=row_warps(block))
+
+
+def swiglu_config(intermediate: int) -> RowConfig:
+    """Grid (T, cdiv(I, BLOCK)). BLOCK=1024 with 4 warps: 8 elements/thread, and 4864..18944 columns give
+    5..19 programs per row, enough to fill the SMs already at a handful of tokens."""
+    block = min(1024, triton.next_power_of_2(intermediate))
+    return RowConfig(BLOCK=block, num_warps=row_warps(block))
+
+
+def rotary_config(num_heads: int, head_dim: int) -> RowConfig:
+    """One program per token rotates all of its q (or k) heads: BLOCK = padded head count; the tile is
+    (BLOCK, head_dim/2) per half, e.g. 28 heads x 64 -> 32 x 64 = 2048 elements -> 8 warps."""
+    block = triton.next_power_of_2(num_heads)
+    return RowConfig(BLOCK=block, num_warps=row_warps(block * head_dim // 2))
+
+
+def store_kv_config(num_kv_heads: int, head_dim: int) -> RowConfig:
+    """One program per token copies its (Hk, D) key and value rows: 1 warp for 2 x 64 (0.5B), 16 for
+    20 x 128 (Qwen1.5-4B, MHA); at most 50 registers."""
+    block = triton.next_power_of_2(num_kv_heads)
+    return RowConfig(BLOCK=block, num_warps=row_warps(block * head_dim))
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> AttnConfig:
+    """Flash-attention forward tiles (AOT: registers / spills from kernels/compile_check.py, sm_80 | sm_90).
+
+    bf16/fp16, head_dim 64: 64x64 tiles, 4 warps: 192 | 137 registers, no spill.
+    bf16/fp16, head_dim 128: 64x64 tiles, 8 warps: with 4 warps sm_80 hit 255 registers and spilled 56 B;
+      8 warps: 174 | 134 registers, no spill, 56 | 80 KB shared memory.
+    fp32 (tests and debugging, not a serving dtype): "ieee" dots on CUDA cores spilled kilobytes at every tile
+      size tried; tf32x3 (three tf32 mma passes, ~1e-6 relative, within the fp32 test tolerance) with 16x32
+      tiles, 8 warps: 108 | 103 (head_dim 64), 178 | 179 (head_dim 128) registers, and no spill under triton
+      3.6 either (186 | 187), where 32x32 tiles (no spill on 3.9) spilled 8-28 B.
+    """
+    if dtype == torch.float32:
+        return AttnConfig(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dot_precision="tf32x3")
+    return AttnConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, group: int) -> AttnConfig:
+    """Split-KV decode: the GQA group's query heads are the rows of one tl.dot, padded to >= 16 because the
+    smallest mma tile has 16 rows (the padding costs tensor-core cycles, not memory traffic: decode is memory
+    bound). bf16/fp16: BLOCK_N=64 keys per tile, 4 warps: 72 | 59 (D=64), 72 | 84 (D=128) registers.
+    fp32: "ieee" dots (a 16-row tile is small enough for CUDA cores), BLOCK_N=32: 63 | 106 registers with 4
+    warps at head_dim 64; 8 warps at head_dim 128: 48 | 56 registers, no spill (tf32x3 needed 168)."""
+    block_m = max(16, triton.next_power_of_2(group))
+    if dtype == torch.float32:
+        return AttnConfig(BLOCK_M=block_m, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=2,
+                          dot_precision="ieee")
+    return AttnConfig(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def merge_config(num_splits: int, head_dim: int) -> RowConfig:
+    """Split-KV merge: one program per (sequence, query head) holds a (splits, head_dim) fp32 tile; 8 elements per
+    thread (1 warp up to 4 splits at head_dim 64). One warp for 32 x 128 took 184 registers; this: <= 40."""
+    block = triton.next_power_of_2(num_splits)
+    return RowConfig(BLOCK=block, num_warps=row_warps(block * head_dim))
+
+
+# A split should stream at least 4 tiles of 64 keys, so its partial write and merge stay small next to its K/V
+# reads (a guess, not yet measured: tune with bench/test_bench_kernels.py::test_attention_decode).
+MIN_KEYS_PER_SPLIT = 256
+# Batch-1 decode of Qwen2-0.5B has 2 (sequence, kv head) pairs: 64 splits make 128 programs, about one per SM on
+# an H100 (132). The merge at 64 x 128 (16 warps) takes 40 | 31 registers.
+MAX_SPLITS = 64
+
+
+def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, sm_count: int | None) -> int:
+    """Splits per (sequence, kv head) for decode, from host values only (no device sync, graph friendly).
+
+    Aim for about two programs per SM (decode is bandwidth bound; every SM must be streaming K/V), capped by
+    MAX_SPLITS and MIN_KEYS_PER_SPLIT. Batches with enough (sequence, kv head) pairs get 1-2 splits. Without a
+    GPU (sm_count None, the interpreter) use at most 4 splits.
+    """
+    work = max(1, num_seqs * num_kv_heads)
+    target = 4 if sm_count is None else triton.cdiv(2 * sm_count, work)
+    by_length = triton.cdiv(max(max_seqlen_k, 1), MIN_KEYS_PER_SPLIT)
+    return max(1, min(target, by_length, MAX_SPLITS))
+
+
+def sm_count_of(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
