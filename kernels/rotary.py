@@ -74,3 +74,66 @@ def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
     return rot(q), rot(k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel: one program per token rotates all of its q heads and k heads in place, loading the token's
+# cos/sin row once. q and k may be strided views of the fused qkv projection output.
+# ---------------------------------------------------------------------------------------------------------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from qwen2_triton.kernels._checks import INDEX_DTYPES, check, check_tensor  # noqa: E402
+from qwen2_triton.kernels.launch import rotary_config  # noqa: E402
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_h, n_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    mask = heads < n_heads
+    p1 = x_ptr + heads * stride_h + d  # (BLOCK_H, HALF): first halves; the second halves are HALF further
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rotary_kernel(q_ptr, k_ptr, pos_ptr, cs_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+                  n_q_heads, n_k_heads, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)  # int64 offsets: token * stride stays exact for any batch size
+    pos = tl.load(pos_ptr + t).to(tl.int64)  # positions past 32k index a table of (32k x factor) rows
+    d = tl.arange(0, HALF)[None, :]
+    cos = tl.load(cs_ptr + pos * stride_cs + d)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, n_q_heads, cos, sin, HALF, BLOCK_HQ)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, n_k_heads, cos, sin, HALF, BLOCK_HK)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+    """Triton rotary, in place. q: (T, Hq, D), k: (T, Hk, D) (unit last stride, any token/head stride, e.g.
+    views of a fused qkv output); positions: (T,) int32/int64; cos_sin: (P, D) float32 from
+    ``build_cos_sin_cache``. Returns (q, k). Positions must be < P (not checked: that would need a device sync).
+    """
+    op = "rotary (kernels/rotary.py)"
+    check_tensor(op, "q", q, ndim=3)
+    check_tensor(op, "k", k, ndim=3, device=q.device)
+    check_tensor(op, "positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
+    check_tensor(op, "cos_sin", cos_sin, ndim=2, dtypes=(torch.float32,), device=q.device)
+    n_tokens, n_q_heads, head_dim = q.shape
+    check(k.dtype == q.dtype, op, f"k dtype {k.dtype} must equal q dtype {q.dtype}")
+    check(k.shape[0] == n_tokens and k.shape[2] == head_dim, op,
+          f"k must be (T={n_tokens}, Hk, D={head_dim}), got {tuple(k.shape)}")
+    check(positions.shape[0] == n_tokens, op, f"positions must be ({n_tokens},), got {tuple(positions.shape)}")
+    check(cos_sin.shape[1] == head_dim, op, f"cos_sin must be (P, {head_dim}), got {tuple(cos_sin.shape)}")
+    half = head_dim // 2
+    check(head_dim % 2 == 0 and half >= 1 and half & (half - 1) == 0, op,
+          f"head_dim must be 2 x a power of two (64, 128, ...), got {head_dim}")
+    if n_tokens == 0:
+        return q, k
+    cfg_q, cfg_k = rotary_config(n_q_heads, head_dim), rotary_config(k.shape[1], head_dim)
+    rotary_kernel[(n_tokens,)](q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                               cos_sin.stride(0), n_q_heads, k.shape[1], HALF=half, BLOCK_HQ=cfg_q.BLOCK,
+                               BLOCK_HK=cfg_k.BLOCK, num_warps=max(cfg_q.num_warps, cfg_k.num_warps))
+    return q, k
