@@ -75,3 +75,117 @@ def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         scores.masked_fill_(mask, float("-inf"))
         out[s:e] = (scores.softmax(-1) @ vb).transpose(0, 1).to(q.dtype)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: the cache write (one program per token) and the attention launcher, which validates the paged layout
+# once and dispatches to the prefill (kernels/attention_prefill.py) or split-KV decode
+# (kernels/attention_decode.py) kernel.
+# ---------------------------------------------------------------------------------------------------------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from qwen2_triton.kernels._checks import check, check_tensor  # noqa: E402
+from qwen2_triton.kernels.attention_decode import attention_decode  # noqa: E402
+from qwen2_triton.kernels.attention_prefill import attention_prefill  # noqa: E402
+from qwen2_triton.kernels.launch import MAX_SPLITS, num_kv_splits, sm_count_of, store_kv_config  # noqa: E402
+
+
+@triton.jit
+def store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, n_heads, head_dim,
+                    PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)  # int64: slot * row stride passes 2^31 in a large cache
+    if slot < 0:  # padding row
+        return
+    block = slot // PAGE
+    row = slot % PAGE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < n_heads) & (d < head_dim)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(kc_ptr + block * stride_kcb + row * stride_kcs + h * stride_kch + d, k.to(kc_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(vc_ptr + block * stride_vcb + row * stride_vcs + h * stride_vch + d, v.to(vc_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _check_cache(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, device: torch.device) -> None:
+    check_tensor(op, "k_cache", k_cache, ndim=4, device=device)
+    check_tensor(op, "v_cache", v_cache, ndim=4, device=device)
+    check(k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype, op,
+          f"k_cache and v_cache must match: {tuple(k_cache.shape)} {k_cache.dtype} vs "
+          f"{tuple(v_cache.shape)} {v_cache.dtype}")
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Triton cache write; same contract as ``store_kv_ref``. k, v: (T, Hk, D), unit last stride (views of the
+    fused qkv output are fine); caches (num_blocks, block_size, Hk, D); slot_mapping (T,) int, < 0 = skip."""
+    op = "store_kv (kernels/attention.py)"
+    check_tensor(op, "k", k, ndim=3)
+    check_tensor(op, "v", v, ndim=3, device=k.device)
+    _check_cache(op, k_cache, v_cache, k.device)
+    check_tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=k.device)
+    n_tokens, n_heads, head_dim = k.shape
+    check(tuple(v.shape) == tuple(k.shape), op, f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    check(tuple(k_cache.shape[2:]) == (n_heads, head_dim), op,
+          f"cache (num_blocks, block_size, Hk, D) must have Hk, D = {(n_heads, head_dim)}, got {tuple(k_cache.shape)}")
+    check(slot_mapping.shape[0] == n_tokens, op,
+          f"slot_mapping must be ({n_tokens},), got {tuple(slot_mapping.shape)}")
+    if n_tokens == 0:
+        return
+    cfg = store_kv_config(n_heads, head_dim)
+    store_kv_kernel[(n_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), n_heads, head_dim, PAGE=k_cache.shape[1], BLOCK_H=cfg.BLOCK,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=cfg.num_warps)
+
+
+def _check_attention(op: str, q, k_cache, v_cache, meta: AttentionMetadata) -> None:
+    check_tensor(op, "q", q, ndim=3)
+    _check_cache(op, k_cache, v_cache, q.device)
+    n_tokens, n_q_heads, head_dim = q.shape
+    check(k_cache.dtype == q.dtype, op, f"cache dtype {k_cache.dtype} must equal q dtype {q.dtype}")
+    check(k_cache.shape[3] == head_dim, op, f"cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
+    check(n_q_heads % k_cache.shape[2] == 0, op,
+          f"query heads {n_q_heads} must be a multiple of KV heads {k_cache.shape[2]}")
+    check(head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256, op,
+          f"head_dim must be a power of two in [16, 256] (Qwen2: 64, 128), got {head_dim}")
+    # int32 as AttentionMetadata declares: the variants kernels/compile_check.py verifies
+    for name in ("seq_lens", "cu_seqlens_q", "block_tables"):
+        check_tensor(op, f"meta.{name}", getattr(meta, name), ndim=2 if name == "block_tables" else 1,
+                     dtypes=(torch.int32,), device=q.device)
+    n_seqs = meta.seq_lens.shape[0]
+    check(meta.cu_seqlens_q.shape[0] == n_seqs + 1, op,
+          f"meta.cu_seqlens_q must be (B+1,) = ({n_seqs + 1},), got {tuple(meta.cu_seqlens_q.shape)}")
+    check(meta.block_tables.shape[0] == n_seqs, op,
+          f"meta.block_tables must have B={n_seqs} rows, got {tuple(meta.block_tables.shape)}")
+    # Host-only consistency: a max_seqlen_q too small would silently leave query rows uncomputed.
+    check(n_tokens <= n_seqs * max(meta.max_seqlen_q, 0), op,
+          f"{n_tokens} query tokens cannot fit {n_seqs} sequences of at most meta.max_seqlen_q={meta.max_seqlen_q}")
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+              scale: float, *, num_splits: int | None = None, sm_count: int | None = None) -> torch.Tensor:
+    """Triton attention; same contract as ``attention_ref``. q: (T, Hq, D) with unit last stride.
+
+    Decode batches (meta.is_decode) take the split-KV kernel with ``num_splits`` splits (default from
+    kernels/launch.py ``num_kv_splits``, host values only); everything else takes the prefill kernel.
+    """
+    op = "attention (kernels/attention.py)"
+    _check_attention(op, q, k_cache, v_cache, meta)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    if meta.is_decode:
+        if num_splits is None:
+            sm = sm_count if sm_count is not None else sm_count_of(q.device)
+            num_splits = num_kv_splits(meta.num_seqs, k_cache.shape[2], meta.max_seqlen_k, sm)
+        check(1 <= num_splits <= MAX_SPLITS, op, f"num_splits must be in [1, {MAX_SPLITS}] (the merge configs "
+              f"kernels/compile_check.py verifies), got {num_splits}")
+        return attention_decode(q, k_cache, v_cache, meta, scale, out, num_splits)
+    return attention_prefill(q, k_cache, v_cache, meta, scale, out)
