@@ -1,0 +1,49 @@
+"""``TritonOps``: the op interface of runtime/backend.py implemented by the Triton kernels in kernels/.
+
+Chosen once at start-up by ``select_ops``. Host work per call is argument checks and a launch; nothing here
+syncs with the device, so decode steps stay capturable in CUDA graphs. Launch settings (BLOCK sizes, warps,
+the split-KV count) come from kernels/launch.py, the single place that decides them; the only device fact they
+need, the SM count, is read here once.
+
+Note for graph capture: the decode split count is derived from meta.max_seqlen_k; a captured graph bakes in
+the count chosen at capture time, which stays correct for any length (splits past a sequence's end are empty
+and weigh 0 in the merge), only less balanced.
+"""
+from __future__ import annotations
+
+import torch
+
+from qwen2_triton.kernels import attention as _attention
+from qwen2_triton.kernels.attention import AttentionMetadata
+from qwen2_triton.kernels.launch import sm_count_of
+from qwen2_triton.kernels.rmsnorm import rms_norm as _rms_norm
+from qwen2_triton.kernels.rotary import rotary as _rotary
+from qwen2_triton.kernels.swiglu import swiglu as _swiglu
+
+
+class TritonOps:
+    """Every op as a Triton kernel. On CPU this runs through the Triton interpreter (TRITON_INTERPRET=1 set
+    before triton is first imported): correct but slow, for tests."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.sm_count = sm_count_of(self.device)  # None on CPU: kernels/launch.py then picks a small split count
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+        return _rms_norm(x, weight, eps, residual)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+        return _rotary(q, k, positions, cos_sin)
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return _swiglu(gate_up)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        _attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float) -> torch.Tensor:
+        return _attention.attention(q, k_cache, v_cache, meta, scale, sm_count=self.sm_count)
