@@ -66,7 +66,7 @@ class Qwen2Model:
                 x, residual = ops.rms_norm(h, P[p + "input_layernorm.weight"], cfg.rms_norm_eps), h
             else:
                 x, residual = ops.rms_norm(h, P[p + "input_layernorm.weight"], cfg.rms_norm_eps, residual)
-            qkv = F.linear(x, P[p + "self_attn.qkv_proj.weight"], P[p + "self_attn.qkv_proj.bias"])
+            qkv = ops.linear(x, P[p + "self_attn.qkv_proj.weight"], P[p + "self_attn.qkv_proj.bias"])
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.view(T, cfg.num_attention_heads, cfg.head_dim)  # (T, Hq, D) views into qkv
             k = k.view(T, cfg.num_key_value_heads, cfg.head_dim)
@@ -75,10 +75,10 @@ class Qwen2Model:
             k_cache, v_cache = kv_caches[n]
             ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             a = ops.attention(q, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
-            h = F.linear(a.reshape(T, cfg.q_size), P[p + "self_attn.o_proj.weight"])
+            h = ops.linear(a.reshape(T, cfg.q_size), P[p + "self_attn.o_proj.weight"])
             x, residual = ops.rms_norm(h, P[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps, residual)
-            h = F.linear(ops.swiglu(F.linear(x, P[p + "mlp.gate_up_proj.weight"])), P[p + "mlp.down_proj.weight"])
+            h = ops.linear(ops.swiglu(ops.linear(x, P[p + "mlp.gate_up_proj.weight"])), P[p + "mlp.down_proj.weight"])
         x, _ = ops.rms_norm(h, P["model.norm.weight"], cfg.rms_norm_eps, residual)
         if logits_rows is not None:
             x = x[logits_rows]
-        return F.linear(x, self.lm_head).float()
+        return ops.linear(x, self.lm_head).float()

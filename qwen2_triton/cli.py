@@ -113,14 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     kc = ksub.add_parser("check", help="compile every kernel variant ahead of time and report registers/spills")
     kc.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
     kc.set_defaults(fn=cmd_kernels_check)
-    b = sub.add_parser("bench", help="benchmarks (see bench/)")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b = sub.add_parser("bench", help="CPU decode benchmark against HF transformers (qwen2-triton bench --help)",
+                       add_help=False)
     b.set_defaults(fn=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    a, rest = build_parser().parse_known_args(argv)
+    if a.command != "bench" and rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    a.rest = rest
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError) as e:

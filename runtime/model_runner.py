@@ -75,10 +75,11 @@ class ModelRunner:
         rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
         # Always run the model, even when no row needs logits (a prefill chunk that does not reach the end of
         # its prompt): its keys and values must land in the cache.
-        logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
-        for c in chunks:
-            c.seq.num_computed = c.start + c.length
-        return self._sample(logits, row_of)
+        with self.model.ops.step_context():
+            logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
+            for c in chunks:
+                c.seq.num_computed = c.start + c.length
+            return self._sample(logits, row_of)
 
     def _sample(self, logits: torch.Tensor | None, row_of: list) -> StepResult:
         result = StepResult({}, {}, {})

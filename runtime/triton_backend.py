@@ -11,7 +11,10 @@ and weigh 0 in the merge), only less balanced.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 from qwen2_triton.kernels import attention as _attention
 from qwen2_triton.kernels.attention import AttentionMetadata
@@ -30,6 +33,12 @@ class TritonOps:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.sm_count = sm_count_of(self.device)  # None on CPU: kernels/launch.py then picks a small split count
+
+    linear = staticmethod(F.linear)  # cuBLAS
+
+    @staticmethod
+    def step_context():
+        return contextlib.nullcontext()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         return _rms_norm(x, weight, eps, residual)
