@@ -68,6 +68,17 @@ def hf(model: str | None, n: int, repeats: int) -> float:
     return n / (tn - t1)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.machine()} x{os.cpu_count()}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qwen2-triton bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +105,7 @@ def main(argv=None) -> int:
             if new:
                 w.writerow(["date", "cpu", "threads", "torch", "model", "tokens", "ours_tok_s", "hf_tok_s", "ratio",
                             "weights_GB_s"])
-            w.writerow([datetime.date.today().isoformat(), platform.processor() or platform.machine(),
+            w.writerow([datetime.date.today().isoformat(), cpu_name(),
                         torch.get_num_threads(), torch.__version__, a.model or "demo (Qwen2.5-Coder-0.5B Q4_K_M)",
                         a.tokens, f"{tps:.2f}", f"{hf_tps:.2f}" if hf_tps else "", 
                         f"{tps / hf_tps:.2f}" if hf_tps else "", f"{gbs:.1f}"])
