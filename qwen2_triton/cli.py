@@ -10,6 +10,7 @@ EPILOG = """examples:
   qwen2-triton chat --model ./qwen2-0_5b-instruct-q8_0.gguf
   qwen2-triton kernels check --arch sm_80,sm_90
   qwen2-triton bench --cpu-decode
+  qwen2-triton env
 """
 
 
@@ -94,6 +95,12 @@ def cmd_bench(a) -> int:
     return bench(a.rest)
 
 
+def cmd_env(a) -> int:
+    from qwen2_triton.runtime.env_report import main as env
+
+    return env(a.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2-triton", description="Run Qwen2-family models with Triton kernels.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,12 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="CPU decode benchmark against HF transformers (qwen2-triton bench --help)",
                        add_help=False)
     b.set_defaults(fn=cmd_bench)
+    e = sub.add_parser("env", help="print the device, versions and the kernel choices made for it", add_help=False)
+    e.set_defaults(fn=cmd_env)
     return parser
 
 
 def main(argv=None) -> int:
     a, rest = build_parser().parse_known_args(argv)
-    if a.command != "bench" and rest:
+    if a.command not in ("bench", "env") and rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     a.rest = rest
     try:

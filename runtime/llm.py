@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 from collections.abc import Iterator, Sequence as Seq
 
 import torch
@@ -72,7 +73,8 @@ class LLM:
         self._ids = itertools.count()
         if progress:
             print(f"qwen2-triton: {cfg.num_hidden_layers} layers, {self.dtype}, {self.device}, kernels={self.ops.name}; "
-                  f"KV cache {self.blocks.capacity_tokens} tokens in {num_blocks} blocks of {block_size}")
+                  f"KV cache {self.blocks.capacity_tokens} tokens in {num_blocks} blocks of {block_size}",
+                  file=sys.stderr)
 
     def _num_kv_blocks(self, kv_cache_tokens, block_size, utilization) -> int:
         if kv_cache_tokens is not None:

@@ -1,0 +1,67 @@
+"""The qwen2-triton command line, run as a user runs it (a subprocess)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints import make_checkpoint
+
+
+def cli(*args, input=None, timeout=300):
+    env = {**os.environ}
+    env.pop("TRITON_INTERPRET", None)
+    # bytes, not text mode: universal-newline translation would turn a generated "\r\n" into "\n"
+    out = subprocess.run([sys.executable, "-m", "qwen2_triton.cli", *args], capture_output=True, timeout=timeout,
+                         env=env, input=None if input is None else input.encode())
+    out.stdout, out.stderr = out.stdout.decode("utf-8"), out.stderr.decode("utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, qwen_tokenizer_dir):
+    path = str(tmp_path_factory.mktemp("cli_ckpt"))
+    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
+    return path
+
+
+def test_help_names_every_command():
+    out = cli("--help")
+    assert out.returncode == 0
+    for word in ("generate", "chat", "kernels", "bench", "--model"):
+        assert word in out.stdout
+
+
+def test_generate_streams_the_same_text_as_the_api(ckpt):
+    from qwen2_triton import LLM, SamplingParams
+
+    out = cli("generate", "--model", ckpt, "--temperature", "0", "--max-tokens", "12", "Hello world")
+    assert out.returncode == 0, out.stderr
+    want = LLM(ckpt, progress=False, device="cpu").generate(
+        "Hello world", SamplingParams(max_tokens=12, temperature=0))[0].text
+    assert out.stdout == want + "\n"
+    assert "KV cache" in out.stderr  # start-up report goes to stderr, the text alone to stdout
+
+
+def test_chat_reads_turns_and_exits(ckpt):
+    out = cli("chat", "--model", ckpt, "--temperature", "0", "--max-tokens", "5", input="hi there\n/reset\nagain\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("> ") >= 3
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    out = cli("generate", "--model", str(tmp_path / "nope"), "hi")
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_sampling_value_is_a_clear_error(ckpt):
+    out = cli("generate", "--model", ckpt, "--top-p", "1.5", "hi")
+    assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_env_reports_device_and_choices():
+    out = cli("env")
+    assert out.returncode == 0, out.stderr
+    assert "torch" in out.stdout and "triton" in out.stdout and "Qwen2-7B" in out.stdout and "decode" in out.stdout
