@@ -13,7 +13,7 @@ from qwen2_triton.model.tokenizer import IncrementalDetokenizer
 from qwen2_triton.runtime.backend import select_ops
 from qwen2_triton.runtime.block_manager import BlockManager
 from qwen2_triton.runtime.device import resolve_device, resolve_dtype
-from qwen2_triton.runtime.model_runner import ModelRunner
+from qwen2_triton.runtime.model_runner import ModelRunner, kv_bytes_per_block, profile_step_memory
 from qwen2_triton.runtime.sampling_params import CompletionOutput, RequestOutput, SamplingParams
 from qwen2_triton.runtime.scheduler import Scheduler
 from qwen2_triton.runtime.sequence import Sequence, Status
@@ -39,12 +39,15 @@ class LLM:
         max_num_batched_tokens: token budget of one step (longer prompts are prefilled in chunks).
         kv_cache_tokens: KV pool size in tokens; default: from free GPU memory x gpu_memory_utilization on CUDA,
             min(max_model_len, 32768) tokens on CPU.
+        enforce_eager: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket at start-up;
+            True runs every step eagerly.
     """
 
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kernels: str = "auto", generation_config: str = "auto", max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
-                 kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9, progress: bool = True):
+                 kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
+                 enforce_eager: bool = False, progress: bool = True):
         if generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {GENERATION_CONFIG_CHOICES}, got {generation_config!r}")
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -66,30 +69,37 @@ class LLM:
         self.generation_defaults = loaded.generation_defaults if generation_config == "auto" else {}
         cfg = self.model.cfg
         self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
-        num_blocks = self._num_kv_blocks(kv_cache_tokens, block_size, gpu_memory_utilization)
+        num_blocks = self._num_kv_blocks(kv_cache_tokens, block_size, gpu_memory_utilization,
+                                         max_num_batched_tokens)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.max_model_len, enforce_eager=enforce_eager)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self._ids = itertools.count()
         if progress:
+            graphs = self.runner.decode_graphs
+            print(f"qwen2-triton: decode CUDA graphs for batch sizes {graphs.buckets}" if graphs else
+                  "qwen2-triton: decode runs eagerly (no CUDA device, or enforce_eager)", file=sys.stderr)
             print(f"qwen2-triton: {cfg.num_hidden_layers} layers, {self.dtype}, {self.device}, kernels={self.ops.name}; "
                   f"KV cache {self.blocks.capacity_tokens} tokens in {num_blocks} blocks of {block_size}",
                   file=sys.stderr)
 
-    def _num_kv_blocks(self, kv_cache_tokens, block_size, utilization) -> int:
+    def _num_kv_blocks(self, kv_cache_tokens, block_size, utilization, step_tokens) -> int:
         if kv_cache_tokens is not None:
             if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size:
                 raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({block_size}), "
                                  f"got {kv_cache_tokens!r}")
             return -(-kv_cache_tokens // block_size) + 1  # +1: the reserved dummy block
         if self.device.type == "cuda":
+            # vLLM's rule: the KV cache gets what is left of utilization x total after the weights and the
+            # peak of the largest step, measured by a warm-up step on dummy tokens.
+            step_peak = profile_step_memory(self.model, step_tokens, block_size, self.dtype)
             free, total = torch.cuda.mem_get_info(self.device)
-            usable = free - (1 - utilization) * total
-            per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
-            n = int(usable // per_block)
+            usable = free - (1 - utilization) * total - step_peak
+            n = int(usable // kv_bytes_per_block(self.model, block_size, self.dtype))
             if n < 2:
-                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free); "
-                                 f"raise gpu_memory_utilization or pass kv_cache_tokens")
+                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, a step needs "
+                                 f"{step_peak / 2**30:.1f} GiB); raise gpu_memory_utilization or pass kv_cache_tokens")
             return n
         # CPU: room for one full-length sequence, capped so a YaRN-extended context does not claim GBs unasked
         return -(-min(self.max_model_len, CPU_DEFAULT_KV_TOKENS) // block_size) + 1

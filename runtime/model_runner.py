@@ -11,8 +11,48 @@ import torch
 from qwen2_triton.kernels.attention import AttentionMetadata
 from qwen2_triton.model.qwen2 import Qwen2Model
 from qwen2_triton.runtime.block_manager import BlockManager
+from qwen2_triton.runtime.decode_graphs import DecodeGraphs
 from qwen2_triton.runtime.sampler import SamplingTensors, sample, top_logprobs
 from qwen2_triton.runtime.scheduler import Chunk
+
+
+def allocate_kv(model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+    """Per layer, a (num_blocks, block_size, Hk, D) key and value cache."""
+    cfg = model.cfg
+    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    return [(torch.zeros(shape, dtype=kv_dtype, device=model.device),
+             torch.zeros(shape, dtype=kv_dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
+
+
+def kv_bytes_per_block(model: Qwen2Model, block_size: int, kv_dtype: torch.dtype) -> int:
+    cfg = model.cfg
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * \
+        torch.empty((), dtype=kv_dtype).element_size()
+
+
+def profile_step_memory(model: Qwen2Model, num_tokens: int, block_size: int, kv_dtype: torch.dtype) -> int:
+    """Peak bytes a step of ``num_tokens`` tokens allocates beyond the weights (activations, all-row logits),
+    measured by running one on dummy tokens with a throw-away cache (CUDA only)."""
+    dev = model.device
+    nblk = -(-num_tokens // block_size) + 1
+    kv = allocate_kv(model, nblk, block_size, kv_dtype)
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    t = num_tokens
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.tensor([0, t], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
+        block_tables=torch.arange(1, nblk, dtype=torch.int32, device=dev)[None],
+        slot_mapping=torch.arange(block_size, block_size + t, dtype=torch.int64, device=dev),
+        max_seqlen_q=t, max_seqlen_k=t)
+    model.forward(torch.zeros(t, dtype=torch.int64, device=dev), torch.arange(t, device=dev), meta, kv,
+                  torch.arange(t, device=dev))  # all rows' logits: the prompt_logprobs worst case
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    del kv
+    torch.cuda.empty_cache()
+    return peak
 
 
 @dataclass
@@ -23,19 +63,15 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
-        cfg = model.cfg
+    def __init__(self, model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 max_num_seqs: int, max_model_len: int, enforce_eager: bool):
         self.model, self.device, self.block_size = model, model.device, block_size
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
-                           torch.zeros(shape, dtype=kv_dtype, device=self.device))
-                          for _ in range(cfg.num_hidden_layers)]
-
-    @staticmethod
-    def kv_bytes_per_block(model: Qwen2Model, block_size: int, kv_dtype: torch.dtype) -> int:
-        cfg = model.cfg
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * \
-            torch.empty((), dtype=kv_dtype).element_size()
+        self.kv_caches = allocate_kv(model, num_blocks, block_size, kv_dtype)
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not enforce_eager:
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, max_model_len, block_size,
+                                              use_graphs=True)
+        self.eager_steps = 0  # steps that ran without a graph (prefill, or a decode that did not fit one)
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
         dev = self.device
@@ -62,6 +98,15 @@ class ModelRunner:
                 logit_rows.append(base + c.length - 1)
                 row_of.append(("sample", seq, None))
         width = max(len(c.seq.block_table) for c in chunks)
+        graphs = self.decode_graphs
+        if graphs is not None and max_q == 1 and len(row_of) == len(chunks) and graphs.fits(len(chunks), width):
+            # a pure decode step (one token per sequence, each sampled): replay the captured graph
+            with self.model.ops.step_context():
+                logits = graphs.run(ids, pos, slots, lens, [c.seq.block_table for c in chunks])
+                for c in chunks:
+                    c.seq.num_computed = c.start + c.length
+                return self._sample(logits, row_of)
+        self.eager_steps += 1
         tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
         meta = AttentionMetadata(
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
