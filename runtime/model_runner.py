@@ -81,8 +81,7 @@ class ModelRunner:
         for c in chunks:
             seq = c.seq
             base = len(ids)
-            all_ids = seq.all_ids
-            ids.extend(all_ids[c.start: c.start + c.length])
+            ids.extend(seq.token_slice(c.start, c.start + c.length))
             pos.extend(range(c.start, c.start + c.length))
             slots.extend(blocks.slot(seq, p) for p in range(c.start, c.start + c.length))
             cu.append(len(ids))

@@ -1,0 +1,191 @@
+"""End-to-end GPU benchmark with random weights in the exact shapes of the Qwen2 releases (no download).
+
+    python -m qwen2_triton.bench.e2e [--models qwen2-0.5b,qwen2-1.5b,qwen2-7b,qwen1.5-4b] [--out CSV]
+
+Per model, in one run: batch-1 decode tokens/s with CUDA graphs and eager, and the bandwidth that implies
+(bytes of weights read per token x tokens/s, as gpt-fast reports it); prefill tokens/s at 1k/4k/16k; offline
+throughput for 256 requests x (512 prompt, 512 output); and the peer, HF transformers on the same shapes (eager,
+and static cache + torch.compile), batch-1 decode. ``--tiny`` shrinks every shape to a smoke test that also
+runs on CPU. Random weights decode random tokens, which is what a throughput figure needs: the work per token is
+the same as for the real checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import time
+
+import torch
+
+# name: (hidden, intermediate, layers, heads, kv heads, vocab rows, tied, rope_theta)
+SHAPES = {
+    "qwen2-0.5b": (896, 4864, 24, 14, 2, 151936, True, 1e6),
+    "qwen2-1.5b": (1536, 8960, 28, 12, 2, 151936, True, 1e6),
+    "qwen2-7b": (3584, 18944, 28, 28, 4, 152064, False, 1e6),
+    "qwen1.5-4b": (2560, 6912, 40, 20, 20, 151936, False, 5e6),
+}
+
+
+def config_dict(name: str, tiny: bool) -> dict:
+    h, i, n, heads, kv, vocab, tied, theta = SHAPES[name]
+    if tiny:
+        h, i, n, vocab = heads * 8, 64, 2, 1024
+    return dict(architectures=["Qwen2ForCausalLM"], hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
+                rope_theta=theta, max_position_embeddings=32768, rms_norm_eps=1e-6, head_dim=h // heads)
+
+
+class _NoText:
+    """Benchmarks feed and read token ids only; the detokenizer still asks for text."""
+    eos_token_ids = ()
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ""
+
+
+def random_llm(name: str, dtype, device, tiny: bool, **kw):
+    from qwen2_triton import LLM
+    from qwen2_triton.model.config import Qwen2Config
+    from qwen2_triton.model.loader import LoadedModel
+    from qwen2_triton.model.qwen2 import Qwen2Model
+    from qwen2_triton.runtime.backend import select_ops
+
+    cfg = Qwen2Config.from_dict(config_dict(name, tiny))
+    model = Qwen2Model(cfg, select_ops("auto", device), dtype, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for n, p in model.params.items():
+        if n.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.02, generator=g)
+    return LLM(LoadedModel(model, _NoText(), {}, (), name), progress=False, **kw)
+
+
+def weight_bytes(llm) -> int:
+    cfg = llm.model.cfg
+    return sum(p.numel() * p.element_size() for n, p in llm.model.params.items()
+               if n != "model.embed_tokens.weight" or cfg.tie_word_embeddings)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    fn()  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def decode_tps(llm, n_tokens: int, device) -> float:
+    from qwen2_triton import SamplingParams
+
+    ids = list(range(1, 65))
+    one = timed(lambda: llm.generate(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)), device)
+    many = timed(lambda: llm.generate(ids, SamplingParams(max_tokens=n_tokens + 1, temperature=0,
+                                                          ignore_eos=True)), device)
+    return n_tokens / (many - one)
+
+
+def prefill_tps(llm, n: int, device) -> float:
+    from qwen2_triton import SamplingParams
+
+    ids = [(7 * j) % 1000 + 1 for j in range(n)]
+    return n / timed(lambda: llm.generate(ids, SamplingParams(max_tokens=1, temperature=0)), device)
+
+
+def offline_tps(llm, n_req: int, prompt: int, output: int, device) -> float:
+    from qwen2_triton import SamplingParams
+
+    prompts = [[(13 * r + j) % 1000 + 1 for j in range(prompt)] for r in range(n_req)]
+    p = SamplingParams(max_tokens=output, temperature=0.8, seed=0, ignore_eos=True)
+    return n_req * output / timed(lambda: llm.generate(prompts, p), device)
+
+
+def hf_decode_tps(name: str, dtype, device, tiny: bool, n_tokens: int, compiled: bool) -> float:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = config_dict(name, tiny)
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in c.items() if k != "architectures"}))
+    model = model.to(device=device, dtype=dtype).eval()
+    ids = torch.arange(1, 65, device=device)[None]
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if compiled:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        kw["cache_implementation"] = "static"
+
+    def run(k):
+        return lambda: model.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
+
+    with torch.no_grad():
+        one, many = timed(run(1), device), timed(run(n_tokens + 1), device)
+    return n_tokens / (many - one)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qwen2_triton.bench.e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--tiny", action="store_true", help="shrunken shapes: a smoke test, also on CPU")
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--prefill", default="1024,4096,16384")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default=None, help="append CSV rows here (e.g. bench/results/e2e.csv)")
+    a = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not a.tiny:
+        print("bench/e2e.py measures GPU serving; without CUDA only --tiny (a smoke test) runs")
+        return 0
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    import triton
+
+    rows = []
+    for name in a.models.split(","):
+        kw = dict(max_model_len=20000 if not a.tiny else 2048, max_num_seqs=256 if not a.tiny else 8,
+                  max_num_batched_tokens=16384 if not a.tiny else 512)
+        graph = random_llm(name, dtype, device, a.tiny, **kw)
+        row = {"model": name, "tiny": a.tiny}
+        row["decode_graph_tok_s"] = decode_tps(graph, a.decode_tokens, device)
+        row["weights_GB"] = weight_bytes(graph) / 1e9
+        row["decode_graph_GB_s"] = row["weights_GB"] * row["decode_graph_tok_s"]
+        for n in (int(x) for x in a.prefill.split(",")):
+            row[f"prefill_{n}_tok_s"] = prefill_tps(graph, min(n, kw["max_num_batched_tokens"]), device)
+        row["offline_out_tok_s"] = offline_tps(graph, a.requests if not a.tiny else 8, 512 if not a.tiny else 16,
+                                               512 if not a.tiny else 16, device)
+        del graph
+        eager = random_llm(name, dtype, device, a.tiny, enforce_eager=True, **kw)
+        row["decode_eager_tok_s"] = decode_tps(eager, a.decode_tokens, device)
+        del eager
+        if not a.no_hf:
+            row["hf_eager_tok_s"] = hf_decode_tps(name, dtype, device, a.tiny, a.decode_tokens, compiled=False)
+            if device.type == "cuda":
+                row["hf_compile_tok_s"] = hf_decode_tps(name, dtype, device, a.tiny, a.decode_tokens, compiled=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        rows.append(row)
+    if a.out:
+        new = not os.path.exists(a.out)
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        meta = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
+                "triton": triton.__version__}
+        keys = list(meta) + sorted({k for r in rows for k in r})
+        with open(a.out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({**meta, **{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

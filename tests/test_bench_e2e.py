@@ -1,0 +1,20 @@
+"""The end-to-end benchmark runs (shrunken shapes, so also on CPU) and writes its CSV row."""
+import csv
+
+from qwen2_triton.bench.e2e import SHAPES, config_dict, main
+
+
+def test_shapes_are_the_releases():
+    c = config_dict("qwen2-7b", tiny=False)
+    assert (c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["vocab_size"],
+            c["tie_word_embeddings"]) == (3584, 28, 4, 128, 152064, False)
+    assert set(SHAPES) == {"qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-4b"}
+
+
+def test_tiny_run_writes_a_row(tmp_path):
+    out = tmp_path / "e2e.csv"
+    assert main(["--tiny", "--models", "qwen2-1.5b", "--decode-tokens", "8", "--prefill", "64", "--out",
+                 str(out)]) == 0
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["model"] == "qwen2-1.5b" and float(row["decode_graph_tok_s"]) > 0 and float(row["hf_eager_tok_s"]) > 0
+    assert row["gpu"] and row["torch"] and row["triton"] and row["date"]
