@@ -172,8 +172,11 @@ class LLM:
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             if not isinstance(sp, SamplingParams):
                 raise ValueError(f"sampling_params[{i}] is a {type(sp).__name__}, not SamplingParams")
+            unset_max = sp.max_tokens is None
             sp = sp.resolved(self.generation_defaults)
             ids, text = self._prompt_ids(prompt, i)
+            if unset_max:  # a default (16, or generation_config's max_new_tokens) never overflows the context
+                sp.max_tokens = max(1, min(sp.max_tokens, self.max_model_len - len(ids)))
             total = len(ids) + sp.max_tokens
             if total > self.max_model_len:
                 raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_tokens {sp.max_tokens} = {total} "

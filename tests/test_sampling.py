@@ -174,3 +174,16 @@ def test_generation_config_defaults(tmp_path, qwen_tokenizer_dir):
     plain = LLM(str(tmp_path), device="cpu", kernels="torch", progress=False, generation_config="none")
     resolved = SamplingParams(max_tokens=4).resolved(plain.generation_defaults)
     assert (resolved.temperature, resolved.top_p, resolved.top_k, resolved.repetition_penalty) == (1.0, 1.0, -1, 1.0)
+
+
+def test_default_max_tokens_is_clamped_to_the_context(tmp_path, qwen_tokenizer_dir):
+    import json
+
+    make_checkpoint(str(tmp_path), "qwen2-0.5b", qwen_tokenizer_dir)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 2048, "do_sample": False}))
+    llm = LLM(str(tmp_path), device="cpu", kernels="torch", progress=False, max_model_len=24)
+    ids = llm.tokenizer.encode("a short prompt")
+    out = llm.generate(ids, SamplingParams(ignore_eos=True))[0]  # max_tokens unset: 2048 from the config
+    assert len(out.token_ids) == 24 - len(ids) and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="exceeds the model's context"):  # an explicit value is not clamped
+        llm.generate(ids, SamplingParams(max_tokens=2048))
