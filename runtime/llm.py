@@ -153,6 +153,14 @@ class LLM:
         finally:
             self._abort([seq])
 
+    def stats(self) -> dict:
+        """Counters since start-up: decode steps replayed from CUDA graphs, steps run eagerly (prefill, or a
+        decode batch no graph fits), and preemptions (sequences recomputed because the KV pool was full)."""
+        graphs = self.runner.decode_graphs
+        return {"graph_replays": graphs.replays if graphs else 0,
+                "padded_eager_decodes": graphs.eager_runs if graphs else 0,
+                "eager_steps": self.runner.eager_steps, "preemptions": self.scheduler.num_preemptions}
+
     # ------------------------------------------------------------------------------------------ internals
     def _make_sequences(self, prompts, sampling_params) -> list[Sequence]:
         if isinstance(prompts, str) or _is_token_ids(prompts):
