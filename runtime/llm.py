@@ -78,7 +78,7 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self.runner.release)
         self._ids = itertools.count()
         if progress:
             graphs = self.runner.decode_graphs

@@ -14,6 +14,7 @@ from qwen2_triton.runtime.block_manager import BlockManager
 from qwen2_triton.runtime.decode_graphs import DecodeGraphs
 from qwen2_triton.runtime.sampler import SamplingTensors, sample, top_logprobs
 from qwen2_triton.runtime.scheduler import Chunk
+from qwen2_triton.runtime.token_history import TokenHistory
 
 
 def allocate_kv(model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
@@ -72,6 +73,11 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, max_model_len, block_size,
                                               use_graphs=True)
         self.eager_steps = 0  # steps that ran without a graph (prefill, or a decode that did not fit one)
+        self.history = TokenHistory(max_num_seqs, model.cfg.vocab_size, self.device)  # penalty state
+
+    def release(self, seq) -> None:
+        """The sequence left the running set (finished or preempted)."""
+        self.history.release(seq)
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
         dev = self.device
@@ -136,7 +142,10 @@ class ModelRunner:
         if sample_idx:
             seqs = [row_of[i][1] for i in sample_idx]
             sl = logits[sample_idx]
-            tokens = sample(sl, self._sampling_tensors(seqs, sl.shape[-1]))
+            st = self._sampling_tensors(seqs, sl.shape[-1])
+            tokens = sample(sl, st)
+            if st.history_rows is not None:
+                self.history.record(st.history_rows, tokens)
             tok_list = tokens.tolist()
             for seq, t in zip(seqs, tok_list):
                 result.tokens[seq.seq_id] = t
@@ -186,16 +195,11 @@ class ModelRunner:
             steps=torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.int64, device=dev),
             all_greedy=all(x.temperature == 0 for x in p),
         )
-        if any(x.repetition_penalty != 1.0 for x in p):
-            mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
-            for r, s in enumerate(seqs):
-                mask[r, torch.tensor(s.all_ids, dtype=torch.int64, device=dev)] = True
-            t.seen_mask = mask
-        if any(x.presence_penalty or x.frequency_penalty for x in p):
-            counts = torch.zeros(len(seqs), vocab, dtype=torch.float32, device=dev)
-            for r, s in enumerate(seqs):
-                if s.output_ids:
-                    idx = torch.tensor(s.output_ids, dtype=torch.int64, device=dev)
-                    counts[r].index_add_(0, idx, torch.ones(len(idx), device=dev))
-            t.output_counts = counts
+        rep = any(x.repetition_penalty != 1.0 for x in p)
+        freq = any(x.presence_penalty or x.frequency_penalty for x in p)
+        if rep or freq:
+            rows = self.history.rows(seqs)
+            t.seen_mask = self.history.seen[rows] if rep else None
+            t.output_counts = self.history.counts[rows] if freq else None
+            t.history_rows = rows
         return t

@@ -33,6 +33,7 @@ class SamplingTensors:
     seen_mask: torch.Tensor | None = None  # (B, V) bool: token in prompt or output (repetition penalty)
     output_counts: torch.Tensor | None = None  # (B, V) float32: occurrences in the output so far
     all_greedy: bool = False  # known on the host when the batch is built; skips the sampling path
+    history_rows: torch.Tensor | None = None  # rows of runtime/token_history.py behind the two tables above
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -187,3 +187,46 @@ def test_default_max_tokens_is_clamped_to_the_context(tmp_path, qwen_tokenizer_d
     assert len(out.token_ids) == 24 - len(ids) and out.finish_reason == "length"
     with pytest.raises(ValueError, match="exceeds the model's context"):  # an explicit value is not clamped
         llm.generate(ids, SamplingParams(max_tokens=2048))
+
+
+@pytest.fixture(scope="module")
+def ckpt_and_hf(tmp_path_factory, qwen_tokenizer_dir):
+    path = str(tmp_path_factory.mktemp("penalty_ckpt"))
+    return path, make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir, rng_seed=7)
+
+
+def penalised_greedy_reference(hf, prompt, n, rep, presence, frequency):
+    """Greedy decoding with penalties, recomputed from scratch every step with HF's full-prefix logits."""
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + out])).logits[0, -1].float()
+        for tok in set(prompt + out):
+            logits[tok] = logits[tok] / rep if logits[tok] > 0 else logits[tok] * rep
+        for tok in set(out):
+            logits[tok] -= presence + frequency * out.count(tok)
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("pen", [dict(repetition_penalty=1.5), dict(presence_penalty=0.6, frequency_penalty=0.4)],
+                         ids=["repetition", "presence+frequency"])
+def test_penalties_follow_the_history_across_steps_batches_and_preemption(ckpt_and_hf, pen):
+    """Each penalty alone (so a stale seen-mask or stale counts would show) against a from-scratch reference."""
+    path, hf = ckpt_and_hf
+    roomy = LLM(path, device="cpu", kernels="torch", progress=False)
+    prompt = roomy.tokenizer.encode("the cat sat on the mat and the cat sat")
+    want = penalised_greedy_reference(hf, prompt, 14, pen.get("repetition_penalty", 1.0),
+                                      pen.get("presence_penalty", 0.0), pen.get("frequency_penalty", 0.0))
+    assert want != penalised_greedy_reference(hf, prompt, 14, 1.0, 0.0, 0.0)  # the penalties matter here
+    sp = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, **pen)
+    assert roomy.generate(prompt, sp)[0].token_ids == want
+    # in a batch beside other penalised and plain requests, and through preemptions in a tiny KV pool
+    tight = LLM(path, device="cpu", kernels="torch", progress=False, kv_cache_tokens=64, block_size=8,
+                max_num_batched_tokens=24)
+    others = [SamplingParams(max_tokens=10, temperature=0.9, seed=i, ignore_eos=True, repetition_penalty=1.2,
+                             frequency_penalty=0.5) for i in range(2)] + [SamplingParams(max_tokens=10)]
+    outs = tight.generate(["x y z", prompt, "hello there", "a b"], [others[0], sp, others[1], others[2]])
+    assert outs[1].token_ids == want
+    assert tight.stats()["preemptions"] > 0
+    assert tight.runner.history.row_of == {}  # every row came back
