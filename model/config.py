@@ -52,7 +52,6 @@ class Qwen2Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     rope: RopeConfig = field(default_factory=RopeConfig)
-    sliding_window: int | None = None  # only set when use_sliding_window is true
     eos_token_id: tuple[int, ...] = ()
     torch_dtype: str | None = None
 
@@ -103,6 +102,9 @@ class Qwen2Config:
             raise ValueError(f"{source}: num_attention_heads {heads} is not divisible by "
                              f"num_key_value_heads {kv_heads}")
         head_dim = int(raw.get("head_dim") or hidden // heads)
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported (attention is always full); "
+                             f"no Qwen2 release enables it")
         eos = raw.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -117,7 +119,6 @@ class Qwen2Config:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             rope=_parse_rope(raw, source),
-            sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window") else None,
             eos_token_id=eos,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         )

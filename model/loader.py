@@ -68,6 +68,8 @@ def _load_gguf(path: str, dtype, device, ops, progress) -> LoadedModel:
     model = Qwen2Model(cfg, ops, dtype, device)
     load_into(model.params, cfg, _items(g.tensors), source=path, progress=progress)
     defaults = {GENERATION_KEYS[k]: v for k, v in (g.generation_defaults or {}).items() if k in GENERATION_KEYS}
+    if defaults.get("top_k") is not None and defaults["top_k"] <= 0:
+        defaults["top_k"] = -1
     eos = _eos_ids(cfg.eos_token_id, (), g.tokenizer)
     return LoadedModel(model, g.tokenizer, defaults, eos, path)
 
@@ -85,6 +87,8 @@ def _read_generation_config(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     out = {GENERATION_KEYS[k]: raw[k] for k in GENERATION_KEYS if raw.get(k) is not None}
+    if out.get("top_k") is not None and out["top_k"] <= 0:
+        out["top_k"] = -1  # transformers' "off" is 0; ours is -1
     if raw.get("eos_token_id") is not None:
         e = raw["eos_token_id"]
         out["eos_token_id"] = tuple(e) if isinstance(e, list) else (e,)

@@ -24,7 +24,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens to generate (default: the checkpoint's max_new_tokens, else 256 for "
+                        "generate and the rest of the context for chat)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy; default: the checkpoint's generation_config, else 1.0")
     p.add_argument("--top-p", type=float, default=None)
@@ -33,10 +35,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _params(a):
+def _params(a, llm, prompt: str, fallback: int | None):
+    """SamplingParams from the flags; an unset --max-tokens takes the checkpoint's default, else ``fallback``
+    (None: the rest of the context), never more than the context left."""
     from qwen2_triton import SamplingParams
 
-    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+    room = min(llm.max_model_len, llm.blocks.capacity_tokens) - len(llm.tokenizer.encode(prompt))
+    max_tokens = a.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(llm.generation_defaults.get("max_tokens") or fallback or room, room))
+    return SamplingParams(max_tokens=max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           repetition_penalty=a.repetition_penalty, seed=a.seed)
 
 
@@ -48,8 +56,7 @@ def _llm(a):
 
 def cmd_generate(a) -> int:
     llm = _llm(a)
-    params = _params(a)
-    for delta in llm.stream(a.prompt, params):
+    for delta in llm.stream(a.prompt, _params(a, llm, a.prompt, fallback=256)):
         print(delta.text, end="", flush=True)
     print()
     return 0
@@ -57,7 +64,6 @@ def cmd_generate(a) -> int:
 
 def cmd_chat(a) -> int:
     llm = _llm(a)
-    params = _params(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("chat: type a message and press Enter; /reset clears the history; Ctrl-D or /exit quits.")
     while True:
@@ -75,8 +81,14 @@ def cmd_chat(a) -> int:
             continue
         messages.append({"role": "user", "content": line})
         prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            deltas = llm.stream(prompt, _params(a, llm, prompt, fallback=None))
+        except ValueError as e:  # e.g. the history outgrew the context: say so, keep the session
+            messages.pop()
+            print(f"error: {e}\n(/reset clears the history)", file=sys.stderr)
+            continue
         reply = []
-        for delta in llm.stream(prompt, params):
+        for delta in deltas:
             print(delta.text, end="", flush=True)
             reply.append(delta.text)
         print()

@@ -33,6 +33,7 @@ class TorchOps:
     """Every op in plain torch, the references from kernels/ (tests import the same functions)."""
 
     name = "torch"
+    capturable = False  # attention_ref reads sequence lengths on the host
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The offline engine users call: ``LLM(model=...).generate(prompts, SamplingParams(...))``, as in vLLM."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import sys
@@ -55,10 +56,15 @@ class LLM:
                         ("block_size", block_size)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        if isinstance(model, LoadedModel):
+            self.device, self.dtype = model.model.device, model.model.dtype
+        else:
+            self.device = resolve_device(device)
+            self.dtype = resolve_dtype(dtype, self.device)
         if model is None:
             from qwen2_triton.model.demo import demo_model_path
 
@@ -136,20 +142,28 @@ class LLM:
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[CompletionOutput]:
         """Yields deltas (``.text``, ``.token_ids``) as tokens are produced; they concatenate to what generate
-        returns. Text that may be the start of a stop string is held back until it is decided."""
+        returns, and the last one carries ``finish_reason``. Text that may be the start of a stop string is held
+        back until it is decided. Bad input raises here, before iteration starts. Several streams may be
+        interleaved: each step advances every running request."""
         (seq,) = self._make_sequences([prompt], sampling_params)
-        sent_text, sent_ids = 0, 0
+        self.scheduler.add(seq)
+        return self._deltas(seq)
+
+    def _deltas(self, seq: Sequence) -> Iterator[CompletionOutput]:
+        sent_text = sent_ids = 0
         try:
-            self.scheduler.add(seq)
-            while not seq.finished:
-                self._step()
+            while True:
+                if not seq.finished:  # another stream's step may already have finished this one
+                    self._step()
                 hold = 0 if seq.finished else _stop_prefix_len(seq.text, seq.params.stop)
                 text = seq.text[sent_text: len(seq.text) - hold]
                 ids = seq.output_ids[sent_ids:]
-                if text or ids:
+                if text or ids or seq.finished:
                     sent_text += len(text)
                     sent_ids += len(ids)
-                    yield CompletionOutput(0, text, list(ids), seq.finish_reason)
+                    yield CompletionOutput(0, text, list(ids), seq.finish_reason, stop_reason=seq.stop_reason)
+                if seq.finished:
+                    return
         finally:
             self._abort([seq])
 
@@ -184,7 +198,12 @@ class LLM:
             sp = sp.resolved(self.generation_defaults)
             ids, text = self._prompt_ids(prompt, i)
             if unset_max:  # a default (16, or generation_config's max_new_tokens) never overflows the context
-                sp.max_tokens = max(1, min(sp.max_tokens, self.max_model_len - len(ids)))
+                room = min(self.max_model_len, self.blocks.capacity_tokens) - len(ids)
+                sp.max_tokens = max(1, min(sp.max_tokens, room))
+            vocab = self.model.cfg.vocab_size
+            for name in ("logprobs", "prompt_logprobs"):
+                if (getattr(sp, name) or 0) > vocab:
+                    raise ValueError(f"SamplingParams.{name}={getattr(sp, name)} exceeds the vocabulary ({vocab})")
             total = len(ids) + sp.max_tokens
             if total > self.max_model_len:
                 raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_tokens {sp.max_tokens} = {total} "
@@ -192,8 +211,8 @@ class LLM:
             if total > self.blocks.capacity_tokens:
                 raise ValueError(f"prompt {i}: {total} tokens can never fit the KV cache of "
                                  f"{self.blocks.capacity_tokens} tokens; raise kv_cache_tokens")
-            seed = sp.seed if sp.seed is not None else random.getrandbits(32)
-            seq = Sequence(next(self._ids), ids, sp, seed=(seed ^ (seed >> 32)) & 0xFFFFFFFF, prompt=text)
+            seed = _seed32(sp.seed) if sp.seed is not None else random.getrandbits(32)
+            seq = Sequence(next(self._ids), ids, sp, seed=seed, prompt=text)
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=sp.skip_special_tokens)
             seq.logprobs = [] if sp.logprobs is not None else None
             seq.prompt_logprobs = [None] if sp.prompt_logprobs is not None else None
@@ -204,17 +223,21 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty")
-            return self.tokenizer.encode(prompt), prompt
-        if not _is_token_ids(prompt):
-            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError(f"prompt {i} is empty")
-        vocab = self.model.cfg.vocab_size
+            ids, text = self.tokenizer.encode(prompt), prompt
+            if not ids:
+                raise ValueError(f"prompt {i} encodes to no tokens")
+        else:
+            if isinstance(prompt, (list, tuple)) and len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if not _is_token_ids(prompt):
+                raise ValueError(f"prompt {i} must be a string or a list of int token ids, "
+                                 f"got {type(prompt).__name__}")
+            ids, text = [int(t) for t in prompt], None
+        vocab = self.model.cfg.vocab_size  # also for text: a tokenizer larger than the embedding is caught here
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i}: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-        return ids, None
+        return ids, text
 
     def _step(self) -> None:
         chunks = self.scheduler.schedule()
@@ -264,6 +287,11 @@ class LLM:
     def _output(seq: Sequence) -> RequestOutput:
         comp = CompletionOutput(0, seq.text, list(seq.output_ids), seq.finish_reason, seq.logprobs, seq.stop_reason)
         return RequestOutput(str(seq.seq_id), seq.prompt, list(seq.prompt_ids), [comp], seq.prompt_logprobs)
+
+
+def _seed32(seed: int) -> int:
+    """Any Python int to 32 bits, distinct seeds (negative and > 2^64 too) landing apart: a hash, not a mask."""
+    return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
 
 
 def _is_token_ids(x) -> bool:

@@ -47,8 +47,10 @@ def profile_step_memory(model: Qwen2Model, num_tokens: int, block_size: int, kv_
         block_tables=torch.arange(1, nblk, dtype=torch.int32, device=dev)[None],
         slot_mapping=torch.arange(block_size, block_size + t, dtype=torch.int64, device=dev),
         max_seqlen_q=t, max_seqlen_k=t)
-    model.forward(torch.zeros(t, dtype=torch.int64, device=dev), torch.arange(t, device=dev), meta, kv,
-                  torch.arange(t, device=dev))  # all rows' logits: the prompt_logprobs worst case
+    logits = model.forward(torch.zeros(t, dtype=torch.int64, device=dev), torch.arange(t, device=dev), meta, kv,
+                           torch.arange(t, device=dev))  # all rows' logits: the prompt_logprobs worst case
+    logits.log_softmax(-1)  # ... and their log-softmax, which the step also holds
+    del logits
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev) - base
     del kv
@@ -69,7 +71,9 @@ class ModelRunner:
         self.model, self.device, self.block_size = model, model.device, block_size
         self.kv_caches = allocate_kv(model, num_blocks, block_size, kv_dtype)
         self.decode_graphs = None
-        if self.device.type == "cuda" and not enforce_eager:
+        # Only ops without host syncs can be captured: the Triton kernels are; the torch references are not
+        # (attention_ref reads the sequence lengths on the host).
+        if self.device.type == "cuda" and not enforce_eager and getattr(model.ops, "capturable", False):
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, max_model_len, block_size,
                                               use_graphs=True)
         self.eager_steps = 0  # steps that ran without a graph (prefill, or a decode that did not fit one)

@@ -41,6 +41,8 @@ class SamplingParams:
         out = replace(self, **values)
         if isinstance(out.stop, str):
             out.stop = [out.stop]
+        elif isinstance(out.stop, tuple):
+            out.stop = list(out.stop)
         out.validate()
         return out
 
@@ -48,13 +50,13 @@ class SamplingParams:
         def bad(name, why):
             raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
         if not _finite(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
+        if not _int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
             bad("top_k", "must be -1 (off) or an integer >= 1")
         if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1]")
@@ -65,18 +67,24 @@ class SamplingParams:
                 bad(name, "must be in [-2, 2]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 0):
+            if v is not None and (not _int(v) or v < 0):
                 bad(name, "must be None or an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _int(self.seed):
             bad("seed", "must be an integer")
-        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+        if self.stop is not None and (not isinstance(self.stop, list) or
+                                      not all(isinstance(s, str) and s for s in self.stop)):
             bad("stop", "must be a non-empty string or a list of non-empty strings")
-        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
+        if self.stop_token_ids is not None and (not isinstance(self.stop_token_ids, (list, tuple)) or
+                                                not all(_int(t) for t in self.stop_token_ids)):
             bad("stop_token_ids", "must be a list of integers")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:

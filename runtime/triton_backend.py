@@ -29,6 +29,7 @@ class TritonOps:
     before triton is first imported): correct but slow, for tests."""
 
     name = "triton"
+    capturable = True  # no host syncs in any launcher: decode steps can be captured in CUDA graphs
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)

@@ -160,6 +160,11 @@ def test_cuda_without_gpu(ckpt):
     (dict(presence_penalty=3.0), "presence_penalty"),
     (dict(logprobs=-1), "logprobs"),
     (dict(stop=[""]), "stop"),
+    (dict(stop=5), "stop"),
+    (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(logprobs=200_000), "logprobs"),
+    (dict(prompt_logprobs=200_000), "prompt_logprobs"),
 ])
 def test_bad_sampling_params(llm, params, message):
     with pytest.raises(ValueError, match=f"SamplingParams.{message}"):
@@ -172,7 +177,8 @@ def test_bad_sampling_params(llm, params, message):
     ([], "no prompts given"),
     ([[5, 151936]], r"token id\(s\) \[151936\] outside the vocabulary \[0, 151936\)"),
     ([[5, -1]], r"token id\(s\) \[-1\] outside the vocabulary"),
-    ([3.5], "must be a string or a list of token ids"),
+    ([3.5], "must be a string or a list of int token ids"),
+    ([[]], "prompt 0 is empty"),
 ])
 def test_bad_prompts(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
@@ -210,3 +216,14 @@ def assert_still_usable(llm):
     out = llm.generate("still", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
     assert not llm.scheduler.has_work() and len(llm.blocks.free) == llm.blocks.num_blocks - 1
+
+
+def test_stream_rejects_bad_input_before_iteration(llm):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        llm.stream("", SamplingParams(max_tokens=2))  # raised by the call itself, not by the first next()
+    assert_still_usable(llm)
+
+
+def test_max_model_len_must_be_positive(ckpt):
+    with pytest.raises(ValueError, match="max_model_len must be an integer >= 2"):
+        load(ckpt, max_model_len=-5)

@@ -18,3 +18,12 @@ def test_tiny_run_writes_a_row(tmp_path):
     (row,) = list(csv.DictReader(out.open()))
     assert row["model"] == "qwen2-1.5b" and float(row["decode_graph_tok_s"]) > 0 and float(row["hf_eager_tok_s"]) > 0
     assert row["gpu"] and row["torch"] and row["triton"] and row["date"]
+
+
+def test_in_memory_model_keeps_its_dtype():
+    import torch
+
+    from qwen2_triton.bench.e2e import random_llm
+
+    llm = random_llm("qwen2-0.5b", torch.bfloat16, torch.device("cpu"), tiny=True, max_model_len=64)
+    assert llm.dtype == torch.bfloat16 and llm.runner.kv_caches[0][0].dtype == torch.bfloat16

@@ -65,3 +65,10 @@ def test_env_reports_device_and_choices():
     out = cli("env")
     assert out.returncode == 0, out.stderr
     assert "torch" in out.stdout and "triton" in out.stdout and "Qwen2-7B" in out.stdout and "decode" in out.stdout
+
+
+def test_chat_survives_a_history_longer_than_the_context(ckpt):
+    out = cli("chat", "--model", ckpt, "--temperature", "0", "--max-model-len", "40", "--max-tokens", "4",
+              input="word " * 30 + "\nshort\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert "exceeds the model's context" in out.stderr and out.stdout.count("> ") == 3

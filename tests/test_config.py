@@ -16,12 +16,12 @@ BASE = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_siz
 def test_release_config_defaults():
     cfg = Qwen2Config.from_dict({**BASE, "rope_theta": 1e6, "sliding_window": 131072, "use_sliding_window": False})
     assert cfg.head_dim == 64 and cfg.rope.type == "default" and cfg.rope.theta == 1e6
-    assert cfg.sliding_window is None and cfg.max_model_len == 32768 and cfg.tie_word_embeddings
+    assert cfg.max_model_len == 32768 and cfg.tie_word_embeddings  # sliding_window ignored: the flag is off
 
 
-def test_sliding_window_only_when_enabled():
-    cfg = Qwen2Config.from_dict({**BASE, "sliding_window": 4096, "use_sliding_window": True})
-    assert cfg.sliding_window == 4096
+def test_enabled_sliding_window_is_refused_not_silently_ignored():
+    with pytest.raises(ValueError, match="use_sliding_window=true is not supported"):
+        Qwen2Config.from_dict({**BASE, "sliding_window": 4096, "use_sliding_window": True})
 
 
 @pytest.mark.parametrize("layout", ["legacy-type", "legacy-rope_type", "rope_parameters"])

@@ -230,3 +230,33 @@ def test_penalties_follow_the_history_across_steps_batches_and_preemption(ckpt_a
     assert outs[1].token_ids == want
     assert tight.stats()["preemptions"] > 0
     assert tight.runner.history.row_of == {}  # every row came back
+
+
+def test_interleaved_streams_each_match_generate(llm):
+    a_sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    b_sp = SamplingParams(max_tokens=4, temperature=0.8, seed=2, ignore_eos=True)
+    want_a, want_b = llm.generate("first stream", a_sp)[0], llm.generate("second", b_sp)[0]
+    a, b = llm.stream("first stream", a_sp), llm.stream("second", b_sp)
+    got_a, got_b, done = [], [], set()
+    while len(done) < 2:  # advance them in turns, as two consumers in one thread would
+        for name, it, acc in (("a", a, got_a), ("b", b, got_b)):
+            if name not in done:
+                try:
+                    acc.append(next(it))
+                except StopIteration:
+                    done.add(name)
+    for got, want in ((got_a, want_a), (got_b, want_b)):
+        assert [t for d in got for t in d.token_ids] == want.token_ids
+        assert "".join(d.text for d in got) == want.text
+        assert got[-1].finish_reason == "length"
+
+
+def test_generation_config_top_k_zero_means_off_and_default_max_tokens_fits_the_pool(tmp_path, qwen_tokenizer_dir):
+    import json
+
+    make_checkpoint(str(tmp_path), "qwen2-0.5b", qwen_tokenizer_dir)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": 0, "max_new_tokens": 2048}))
+    llm = LLM(str(tmp_path), device="cpu", kernels="torch", progress=False, kv_cache_tokens=64, block_size=16)
+    assert llm.generation_defaults["top_k"] == -1
+    out = llm.generate("hi", SamplingParams(ignore_eos=True))[0]  # 2048 unset-by-caller -> what the pool holds
+    assert len(out.token_ids) == 64 - len(out.prompt_token_ids)
