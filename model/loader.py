@@ -67,9 +67,7 @@ def _load_gguf(path: str, dtype, device, ops, progress) -> LoadedModel:
     cfg = Qwen2Config.from_dict(g.config, source=path)
     model = Qwen2Model(cfg, ops, dtype, device)
     load_into(model.params, cfg, _items(g.tensors), source=path, progress=progress)
-    defaults = {GENERATION_KEYS[k]: v for k, v in (g.generation_defaults or {}).items() if k in GENERATION_KEYS}
-    if defaults.get("top_k") is not None and defaults["top_k"] <= 0:
-        defaults["top_k"] = -1
+    defaults = _sampling_defaults(g.generation_defaults or {})
     eos = _eos_ids(cfg.eos_token_id, (), g.tokenizer)
     return LoadedModel(model, g.tokenizer, defaults, eos, path)
 
@@ -86,12 +84,18 @@ def _read_generation_config(path: str) -> dict:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    out = {GENERATION_KEYS[k]: raw[k] for k in GENERATION_KEYS if raw.get(k) is not None}
-    if out.get("top_k") is not None and out["top_k"] <= 0:
-        out["top_k"] = -1  # transformers' "off" is 0; ours is -1
+    out = _sampling_defaults(raw)
     if raw.get("eos_token_id") is not None:
         e = raw["eos_token_id"]
         out["eos_token_id"] = tuple(e) if isinstance(e, list) else (e,)
+    return out
+
+
+def _sampling_defaults(raw: dict) -> dict:
+    """generation_config fields (HF names and conventions) -> SamplingParams defaults (ours)."""
+    out = {GENERATION_KEYS[k]: raw[k] for k in GENERATION_KEYS if raw.get(k) is not None}
+    if out.get("top_k") is not None and out["top_k"] <= 0:
+        out["top_k"] = -1  # transformers' "off" is 0; ours is -1
     if raw.get("do_sample") is False:  # HF's greedy switch: sampling fields are then ignored
         out["temperature"] = 0.0
     return out

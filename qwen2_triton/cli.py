@@ -40,7 +40,7 @@ def _params(a, llm, prompt: str, fallback: int | None):
     (None: the rest of the context), never more than the context left."""
     from qwen2_triton import SamplingParams
 
-    room = min(llm.max_model_len, llm.blocks.capacity_tokens) - len(llm.tokenizer.encode(prompt))
+    room = llm.room_after(len(llm.tokenizer.encode(prompt)))
     max_tokens = a.max_tokens
     if max_tokens is None:
         max_tokens = max(1, min(llm.generation_defaults.get("max_tokens") or fallback or room, room))

@@ -167,6 +167,10 @@ class LLM:
         finally:
             self._abort([seq])
 
+    def room_after(self, num_prompt_tokens: int) -> int:
+        """Most tokens a prompt of this length can still generate: within the context and the KV pool."""
+        return min(self.max_model_len, self.blocks.capacity_tokens) - num_prompt_tokens
+
     def stats(self) -> dict:
         """Counters since start-up: decode steps replayed from CUDA graphs, steps run eagerly (prefill, or a
         decode batch no graph fits), and preemptions (sequences recomputed because the KV pool was full)."""
@@ -198,8 +202,7 @@ class LLM:
             sp = sp.resolved(self.generation_defaults)
             ids, text = self._prompt_ids(prompt, i)
             if unset_max:  # a default (16, or generation_config's max_new_tokens) never overflows the context
-                room = min(self.max_model_len, self.blocks.capacity_tokens) - len(ids)
-                sp.max_tokens = max(1, min(sp.max_tokens, room))
+                sp.max_tokens = max(1, min(sp.max_tokens, self.room_after(len(ids))))
             vocab = self.model.cfg.vocab_size
             for name in ("logprobs", "prompt_logprobs"):
                 if (getattr(sp, name) or 0) > vocab:

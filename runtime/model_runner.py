@@ -108,34 +108,30 @@ class ModelRunner:
                 row_of.append(("sample", seq, None))
         width = max(len(c.seq.block_table) for c in chunks)
         graphs = self.decode_graphs
-        if graphs is not None and max_q == 1 and len(row_of) == len(chunks) and graphs.fits(len(chunks), width):
-            # a pure decode step (one token per sequence, each sampled): replay the captured graph
-            with self.model.ops.step_context():
-                logits = graphs.run(ids, pos, slots, lens, [c.seq.block_table for c in chunks])
-                for c in chunks:
-                    c.seq.num_computed = c.start + c.length
-                return self._sample(logits, row_of)
-        self.eager_steps += 1
-        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
-        meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_seqlen_q=max_q, max_seqlen_k=max_k,
-        )
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
-        positions = torch.tensor(pos, dtype=torch.int64, device=dev)
-        rows = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
-        # Always run the model, even when no row needs logits (a prefill chunk that does not reach the end of
-        # its prompt): its keys and values must land in the cache.
         with self.model.ops.step_context():
-            logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
+            if graphs is not None and max_q == 1 and len(row_of) == len(chunks) and graphs.fits(len(chunks), width):
+                # a pure decode step (one token per sequence, each sampled): replay the captured graph
+                logits = graphs.run(ids, pos, slots, lens, [c.seq.block_table for c in chunks])
+            else:
+                self.eager_steps += 1
+                tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+                meta = AttentionMetadata(
+                    cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+                    seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                    block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+                    slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                    max_seqlen_q=max_q, max_seqlen_k=max_k,
+                )
+                # Always run the model, even when no row needs logits (a prefill chunk that does not reach the
+                # end of its prompt): its keys and values must land in the cache.
+                logits = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
+                                            torch.tensor(pos, dtype=torch.int64, device=dev), meta, self.kv_caches,
+                                            torch.tensor(logit_rows, dtype=torch.int64, device=dev))
             for c in chunks:
                 c.seq.num_computed = c.start + c.length
             return self._sample(logits, row_of)
 
-    def _sample(self, logits: torch.Tensor | None, row_of: list) -> StepResult:
+    def _sample(self, logits: torch.Tensor, row_of: list) -> StepResult:
         result = StepResult({}, {}, {})
         if not row_of:
             return result

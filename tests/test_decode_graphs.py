@@ -49,8 +49,6 @@ def test_padded_decode_matches_eager_across_batch_sizes(ckpt):
     assert got == want
     g = padded.runner.decode_graphs
     assert (g.replays if CUDA else g.eager_runs) > 10  # decode steps went through the padded path
-    # the dummy block is never handed to a sequence, so padding rows cannot clobber real K/V
-    assert 0 not in set(padded.blocks.free)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (the padded path itself is checked above on CPU)")
