@@ -88,7 +88,8 @@ import triton.language as tl  # noqa: E402
 from qwen2_triton.kernels._checks import check, check_tensor  # noqa: E402
 from qwen2_triton.kernels.attention_decode import attention_decode  # noqa: E402
 from qwen2_triton.kernels.attention_prefill import attention_prefill  # noqa: E402
-from qwen2_triton.kernels.launch import MAX_SPLITS, num_kv_splits, sm_count_of, store_kv_config  # noqa: E402
+from qwen2_triton.kernels.launch import (  # noqa: E402
+    MAX_SPLITS, AttnConfig, num_kv_splits, sm_count_of, store_kv_config)
 
 
 @triton.jit
@@ -170,14 +171,21 @@ def _check_attention(op: str, q, k_cache, v_cache, meta: AttentionMetadata) -> N
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float, *, num_splits: int | None = None, sm_count: int | None = None) -> torch.Tensor:
+              scale: float, *, num_splits: int | None = None, sm_count: int | None = None,
+              prefill_cfg: AttnConfig | None = None, decode_cfg: AttnConfig | None = None) -> torch.Tensor:
     """Triton attention; same contract as ``attention_ref``. q: (T, Hq, D) with unit last stride.
 
     Decode batches (meta.is_decode) take the split-KV kernel with ``num_splits`` splits (default from
     kernels/launch.py ``num_kv_splits``, host values only); everything else takes the prefill kernel.
+    ``prefill_cfg`` / ``decode_cfg``: tile configs (default: kernels/launch.py's heuristics; the runtime passes
+    the ones runtime/tuning.py picked).
     """
     op = "attention (kernels/attention.py)"
     _check_attention(op, q, k_cache, v_cache, meta)
+    group = q.shape[1] // k_cache.shape[2]
+    if decode_cfg is not None:
+        check(decode_cfg.BLOCK_M >= max(16, group) and decode_cfg.BLOCK_M & (decode_cfg.BLOCK_M - 1) == 0, op,
+              f"decode_cfg.BLOCK_M={decode_cfg.BLOCK_M} must be a power of two >= max(16, GQA group {group})")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
@@ -187,5 +195,5 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
             num_splits = num_kv_splits(meta.num_seqs, k_cache.shape[2], meta.max_seqlen_k, sm)
         check(1 <= num_splits <= MAX_SPLITS, op, f"num_splits must be in [1, {MAX_SPLITS}] (the merge configs "
               f"kernels/compile_check.py verifies), got {num_splits}")
-        return attention_decode(q, k_cache, v_cache, meta, scale, out, num_splits)
-    return attention_prefill(q, k_cache, v_cache, meta, scale, out)
+        return attention_decode(q, k_cache, v_cache, meta, scale, out, num_splits, decode_cfg)
+    return attention_prefill(q, k_cache, v_cache, meta, scale, out, prefill_cfg)

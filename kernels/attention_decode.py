@@ -17,7 +17,7 @@ import triton.language as tl
 
 from qwen2_triton.kernels.attention_prefill import LOG2E
 from qwen2_triton.kernels.attention_tile import attn_tiles
-from qwen2_triton.kernels.launch import decode_config, merge_config
+from qwen2_triton.kernels.launch import AttnConfig, decode_config, merge_config
 
 
 @triton.jit
@@ -91,13 +91,15 @@ def decode_merge_kernel(po_ptr, plse_ptr, o_ptr, cu_q_ptr, stride_ot, stride_oh,
     tl.store(o_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-def attention_decode(q, k_cache, v_cache, meta, scale: float, out: torch.Tensor, num_splits: int) -> torch.Tensor:
-    """Launch both decode passes. Arguments are validated by kernels/attention.py ``attention``."""
+def attention_decode(q, k_cache, v_cache, meta, scale: float, out: torch.Tensor, num_splits: int,
+                     cfg: AttnConfig | None = None) -> torch.Tensor:
+    """Launch both decode passes; ``cfg`` as in attention_prefill (default: ``decode_config``). Arguments are
+    validated by kernels/attention.py ``attention``."""
     n_seqs = meta.seq_lens.shape[0]
     n_q_heads, head_dim = q.shape[1], q.shape[2]
     n_kv_heads = k_cache.shape[2]
     group = n_q_heads // n_kv_heads
-    cfg = decode_config(head_dim, q.dtype, group)
+    cfg = cfg or decode_config(head_dim, q.dtype, group)
     part_out = torch.empty((n_seqs, n_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((n_seqs, n_q_heads, num_splits), dtype=torch.float32, device=q.device)
     decode_split_kernel[(n_seqs, n_kv_heads, num_splits)](

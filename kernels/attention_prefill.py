@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from qwen2_triton.kernels.attention_tile import attn_tiles
-from qwen2_triton.kernels.launch import prefill_config
+from qwen2_triton.kernels.launch import AttnConfig, prefill_config
 
 LOG2E = 1.4426950408889634
 
@@ -65,12 +65,14 @@ def prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, seq_lens_ptr, bt_ptr,
              mask=row_ok[:, None])
 
 
-def attention_prefill(q, k_cache, v_cache, meta, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """Launch the prefill kernel. Arguments are validated by kernels/attention.py ``attention``."""
+def attention_prefill(q, k_cache, v_cache, meta, scale: float, out: torch.Tensor,
+                      cfg: AttnConfig | None = None) -> torch.Tensor:
+    """Launch the prefill kernel with ``cfg`` (default: kernels/launch.py ``prefill_config``; the runtime passes
+    its tuned choice). Arguments are validated by kernels/attention.py ``attention``."""
     n_seqs = meta.seq_lens.shape[0]
     n_q_heads, head_dim = q.shape[1], q.shape[2]
     group = n_q_heads // k_cache.shape[2]
-    cfg = prefill_config(head_dim, q.dtype)
+    cfg = cfg or prefill_config(head_dim, q.dtype)
     grid = (triton.cdiv(meta.max_seqlen_q, cfg.BLOCK_M), n_q_heads, n_seqs)
     prefill_kernel[grid](
         q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,

@@ -31,7 +31,6 @@ INTERMEDIATE = (4864, 6912, 8960, 18944)
 ATTN_HEADS = ((14, 2, 64), (12, 2, 128), (28, 4, 128), (20, 20, 128))
 GQA_GROUPS = (1, 2, 5, 6, 7, 8)
 PAGE = 16  # the runtime's KV block size
-MAX_SHARED = {80: 166912, 90: 232448}  # dynamic shared memory per block (bytes); others: 99 KB (sm_86/89)
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,9 @@ def _variant(kernel, label, args, consts, num_warps, num_stages=2):
     return Variant(kernel, label, sig, tuple(consts), num_warps, num_stages, aligned)
 
 
-def variants(dtypes):
+def variants(dtypes, cap: int | None = None):
+    """Every (kernel, constexprs, warps, stages) the runtime can launch on compute capability ``cap``: the
+    heuristic configs plus the attention candidates runtime/tuning.py may pick there (None: every arch's)."""
     import torch
 
     from qwen2_triton.kernels import launch
@@ -95,17 +96,18 @@ def variants(dtypes):
         cache = [("k_ptr", p), ("v_ptr", p)]
         strides_kv = i32("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_bt")
         for d in (64, 128):
-            cfg = launch.prefill_config(d, tdt[dt])
-            out.append(_variant("attention_prefill:prefill_kernel", f"{dt} D={d}",
-                                [("q_ptr", p)] + cache + [("o_ptr", p), ("cu_q_ptr", "*i32"),
-                                                          ("seq_lens_ptr", "*i32"), ("bt_ptr", "*i32")]
-                                + i32("stride_qt", "stride_qh", "stride_ot", "stride_oh") + strides_kv
-                                + [("group", "i32"), ("qk_scale", "fp32")],
-                                [("PAGE", PAGE), ("BLOCK_M", cfg.BLOCK_M), ("BLOCK_N", cfg.BLOCK_N),
-                                 ("HEAD_DIM", d), ("DOT_PRECISION", cfg.dot_precision)], cfg.num_warps,
-                                cfg.num_stages))
-            for cfg in sorted({launch.decode_config(d, tdt[dt], g) for g in GQA_GROUPS}, key=str):
-                out.append(_variant("attention_decode:decode_split_kernel", f"{dt} D={d} G<={cfg.BLOCK_M}",
+            for cfg in launch.prefill_candidates(d, tdt[dt], cap):
+                out.append(_variant("attention_prefill:prefill_kernel", f"{dt} D={d} {_tile(cfg)}",
+                                    [("q_ptr", p)] + cache + [("o_ptr", p), ("cu_q_ptr", "*i32"),
+                                                              ("seq_lens_ptr", "*i32"), ("bt_ptr", "*i32")]
+                                    + i32("stride_qt", "stride_qh", "stride_ot", "stride_oh") + strides_kv
+                                    + [("group", "i32"), ("qk_scale", "fp32")],
+                                    [("PAGE", PAGE), ("BLOCK_M", cfg.BLOCK_M), ("BLOCK_N", cfg.BLOCK_N),
+                                     ("HEAD_DIM", d), ("DOT_PRECISION", cfg.dot_precision)], cfg.num_warps,
+                                    cfg.num_stages))
+            decode = {c for g in GQA_GROUPS for c in launch.decode_candidates(d, tdt[dt], g, cap)}
+            for cfg in sorted(decode, key=str):
+                out.append(_variant("attention_decode:decode_split_kernel", f"{dt} D={d} {_tile(cfg)}",
                                     [("q_ptr", p)] + cache + [("po_ptr", "*fp32"), ("plse_ptr", "*fp32"),
                                                               ("cu_q_ptr", "*i32"), ("seq_lens_ptr", "*i32"),
                                                               ("bt_ptr", "*i32")]
@@ -130,6 +132,11 @@ def variants(dtypes):
             v = Variant(**{**merged[key].__dict__, "label": " ".join(label)})
         merged[key] = v
     return list(merged.values())
+
+
+def _tile(cfg) -> str:
+    """64x64w4s2: BLOCK_M x BLOCK_N, warps, stages."""
+    return f"{cfg.BLOCK_M}x{cfg.BLOCK_N}w{cfg.num_warps}s{cfg.num_stages}"
 
 
 def compile_one(variant: Variant, cap: int) -> dict:
@@ -181,13 +188,15 @@ def _problems(row) -> str:
     cap = int(row["arch"][3:])
     if row["spill_st"] or row["spill_ld"] or row["stack"]:
         return "SPILL"
-    if row["shared"] > MAX_SHARED.get(cap, 101376):
-        return f"SHARED>{MAX_SHARED.get(cap, 101376)}"
+    from qwen2_triton.kernels.launch import max_shared_bytes
+
+    if row["shared"] > max_shared_bytes(cap):
+        return f"SHARED>{max_shared_bytes(cap)}"
     return ""
 
 
 def run(archs, dtypes, kernels=None, jobs=None) -> int:
-    todo = [(v, cap) for v in variants(dtypes) for cap in archs
+    todo = [(v, cap) for cap in archs for v in variants(dtypes, cap)
             if not kernels or any(k in v.kernel for k in kernels)]
     jobs = jobs or min(8, os.cpu_count() or 1)
     # A private, fresh cache makes Triton run ptxas (and print its -v log) for every variant; workers inherit it.

@@ -96,6 +96,56 @@ def decode_config(head_dim: int, dtype: torch.dtype, group: int) -> AttnConfig:
     return AttnConfig(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
+# Dynamic shared memory a block may use, per compute capability (CUDA programming guide, "opt-in" limit).
+# sm_86 / sm_89 / sm_120 parts (A10, L4, L40, RTX) have 99 KB; A100 / A30 163 KB; H100 / B200 227 KB.
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# Triton's floor for the NVIDIA backend (its README: "Compute Capability 8.0+"); bf16 also starts at sm_80.
+MIN_CAPABILITY = 80
+
+
+def max_shared_bytes(cap: int) -> int:
+    """Per-block shared-memory limit of ``cap`` (e.g. 90); unknown parts get the smallest (99 KB)."""
+    return MAX_SHARED_BYTES.get(cap, min(MAX_SHARED_BYTES.values()))
+
+
+def attn_shared_estimate(cfg: AttnConfig, head_dim: int, elem_bytes: int) -> int:
+    """Upper estimate of the shared memory of an attention tile config: num_stages buffered K and V tiles plus
+    the query tile. kernels/compile_check.py measures the real figure for every candidate on every arch; this
+    only keeps candidates that cannot fit a 99 KB part out of its list."""
+    return (cfg.num_stages * 2 * cfg.BLOCK_N + cfg.BLOCK_M) * head_dim * elem_bytes
+
+
+def _fits(cfgs, head_dim: int, dtype: torch.dtype, cap: int | None) -> list[AttnConfig]:
+    if cap is None:
+        return list(cfgs)
+    limit = max_shared_bytes(cap)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return [c for c in cfgs if attn_shared_estimate(c, head_dim, elem) <= limit]
+
+
+def prefill_candidates(head_dim: int, dtype: torch.dtype, cap: int | None) -> list[AttnConfig]:
+    """What runtime/tuning.py times for prefill on compute capability ``cap`` (None: no GPU); the heuristic
+    ``prefill_config`` first (the choice when tuning is off). fp32 is a test dtype: no alternatives."""
+    default = prefill_config(head_dim, dtype)
+    if dtype == torch.float32:
+        return [default]
+    wide = 4 if head_dim <= 64 else 8
+    others = [AttnConfig(64, 64, wide, 3), AttnConfig(128, 64, 8, 2), AttnConfig(128, 32, wide, 2),
+              AttnConfig(64, 32, 4, 2), AttnConfig(128, 64, 8, 3)]
+    return [default] + _fits([c for c in others if c != default], head_dim, dtype, cap)
+
+
+def decode_candidates(head_dim: int, dtype: torch.dtype, group: int, cap: int | None) -> list[AttnConfig]:
+    """What runtime/tuning.py times for split-KV decode; ``decode_config`` first."""
+    default = decode_config(head_dim, dtype, group)
+    if dtype == torch.float32:
+        return [default]
+    m = default.BLOCK_M
+    others = [AttnConfig(m, 32, 4, 2), AttnConfig(m, 128, 4, 2), AttnConfig(m, 64, 4, 3), AttnConfig(m, 128, 8, 3),
+              AttnConfig(m, 64, 2, 2)]
+    return [default] + _fits([c for c in others if c != default], head_dim, dtype, cap)
+
+
 def merge_config(num_splits: int, head_dim: int) -> RowConfig:
     """Split-KV merge: one program per (sequence, query head) holds a (splits, head_dim) fp32 tile; 8 elements per
     thread (1 warp up to 4 splits at head_dim 64). One warp for 32 x 128 took 184 registers; this: <= 40."""

@@ -1,5 +1,6 @@
 """The ahead-of-time compile check (kernels/compile_check.py) without a GPU: the full matrix the CLI runs
-(bf16, fp16, fp32 x sm_80, sm_90: 270 compiles, 40-90 s on 2 busy cores)."""
+(bf16, fp16, fp32 x sm_80, sm_90, with every attention tuning candidate), and the attention candidates of a
+99 KB-shared-memory part (sm_86)."""
 from qwen2_triton.kernels import compile_check
 
 KERNELS = ("rms_norm_kernel", "swiglu_kernel", "rotary_kernel", "store_kv_kernel", "prefill_kernel",
@@ -14,6 +15,32 @@ def test_compile_check_sm80_sm90(capfd):
     assert {r.split()[0] for r in rows} == set(KERNELS)
     assert all(r.rstrip().endswith("ok") for r in rows), out
     assert {"sm_80", "sm_90"} <= {tok for r in rows for tok in r.split()}
+
+
+def test_attention_candidates_fit_sm86(capfd):
+    """sm_86/sm_89 (A10, L4, RTX) have 99 KB of shared memory per block: their candidate lists must fit it."""
+    rc = compile_check.main(["--arch", "sm_86", "--dtypes", "bf16,fp16", "--kernels", "prefill,decode_split"])
+    out = capfd.readouterr().out
+    assert rc == 0, out
+    rows = [line for line in out.splitlines() if "sm_86" in line]
+    assert len(rows) >= 10 and all(r.rstrip().endswith("ok") for r in rows), out
+
+
+def test_every_tuning_candidate_is_compiled():
+    import torch
+
+    from qwen2_triton.kernels import launch
+
+    def compiled(cap, kernel, rows):
+        return {(dict(v.constexprs)[rows], dict(v.constexprs)["BLOCK_N"], dict(v.constexprs)["HEAD_DIM"],
+                 v.num_warps, v.num_stages) for v in compile_check.variants(["bf16"], cap) if v.kernel.endswith(kernel)}
+
+    for cap in (80, 86, 90):
+        for d in (64, 128):
+            assert {(c.BLOCK_M, c.BLOCK_N, d, c.num_warps, c.num_stages)
+                    for c in launch.prefill_candidates(d, torch.bfloat16, cap)} <= compiled(cap, "prefill_kernel", "BLOCK_M")
+            assert {(c.BLOCK_M, c.BLOCK_N, d, c.num_warps, c.num_stages)
+                    for c in launch.decode_candidates(d, torch.bfloat16, 7, cap)} <= compiled(cap, "decode_split_kernel", "BLOCK_G")
 
 
 def test_every_variant_of_each_kernel_is_listed():
