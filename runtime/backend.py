@@ -15,7 +15,6 @@ Op contracts (T tokens, H hidden, Hq/Hk heads, D head_dim, I intermediate):
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import torch
@@ -25,9 +24,6 @@ from qwen2_triton.kernels.attention import attention_ref, store_kv_ref
 from qwen2_triton.kernels.rmsnorm import rms_norm_ref
 from qwen2_triton.kernels.rotary import rotary_ref
 from qwen2_triton.kernels.swiglu import swiglu_ref
-
-KERNEL_CHOICES = ("auto", "triton", "torch")
-
 
 class TorchOps:
     """Every op in plain torch, the references from kernels/ (tests import the same functions)."""
@@ -69,17 +65,13 @@ def _torch_threads(n: int):
 
 
 def select_ops(kernels: str, device: torch.device):
-    """auto = Triton on CUDA, torch on CPU. kernels="triton" on CPU runs through the Triton interpreter
-    (TRITON_INTERPRET=1 must be set before triton is first imported): slow, for tests."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    if kernels == "auto":
-        kernels = "triton" if device.type == "cuda" else "torch"
-    if kernels == "torch":
+    """The Ops object for ``kernels`` ("auto" | "triton" | "torch") on ``device``; the rule (Triton on CUDA from
+    sm_80, torch otherwise) is runtime/kernel_plan.py ``choose_kernels``."""
+    from qwen2_triton.runtime.kernel_plan import DeviceInfo, choose_kernels
+
+    name, _ = choose_kernels(kernels, DeviceInfo.of(device))
+    if name == "torch":
         return TorchOps()
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("kernels='triton' on CPU runs through the Triton interpreter: set TRITON_INTERPRET=1 "
-                         "before qwen2_triton is imported (tests/conftest.py does), or use kernels='torch'")
     from qwen2_triton.runtime.triton_backend import TritonOps
 
     return TritonOps(device)

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "half": torch.float16,
-          "float": torch.float32}
-
 
 def resolve_device(device) -> torch.device:
     if device is None:
@@ -23,14 +19,7 @@ def resolve_device(device) -> torch.device:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"unsupported dtype {dtype}; use bfloat16, float16 or float32")
-        return dtype
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use 'bfloat16', 'float16', 'float32' or 'auto'")
-    return DTYPES[dtype]
+    """The dtype for ``device``: the rules live in runtime/kernel_plan.py ``choose_dtype``."""
+    from qwen2_triton.runtime.kernel_plan import DeviceInfo, choose_dtype
+
+    return choose_dtype(dtype, DeviceInfo.of(device))[0]

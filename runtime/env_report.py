@@ -1,4 +1,10 @@
-"""``qwen2-triton env``: the device, the library versions, and the kernel choices made for it and why."""
+"""``qwen2-triton env``: the device, the library versions, and the kernel choices made for it and why.
+
+    qwen2-triton env                     # this machine's device, the seed models' shapes
+    qwen2-triton env --arch sm_86        # what an sm_86 GPU (A10-like) would get, without one
+    qwen2-triton env --model DIR|GGUF    # one checkpoint's shape
+    qwen2-triton env --tune              # on a GPU: time the attention candidates now and cache the choice
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,57 +12,105 @@ import platform
 
 import torch
 
+from qwen2_triton.kernels import launch
+from qwen2_triton.runtime.kernel_plan import AttentionShape, DeviceInfo, choose_dtype, choose_kernels, \
+    attention_keys, plan_kernels
+from qwen2_triton.runtime.tuning import TuningCache, config_label
+
 # Shapes the report walks through when no --model is given: (name, hidden, intermediate, heads, kv heads, head_dim)
 SEED_SHAPES = [("Qwen2-0.5B", 896, 4864, 14, 2, 64), ("Qwen2-1.5B", 1536, 8960, 12, 2, 128),
                ("Qwen2-7B", 3584, 18944, 28, 4, 128), ("Qwen1.5-4B", 2560, 6912, 20, 20, 128)]
+BLOCK_SIZE = 16  # the LLM's default KV page
 
 
-def describe_device(device: torch.device) -> list[str]:
-    lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
-    try:
-        import triton
+def versions() -> str:
+    import triton
 
-        lines.append(f"triton {triton.__version__}")
-    except ImportError:  # pragma: no cover - triton is a dependency
-        lines.append("triton: not installed")
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        lines.append(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-                     f"{p.total_memory / 2**30:.0f} GiB; bf16 supported: {torch.cuda.is_bf16_supported()}")
-    else:
-        lines.append(f"device: CPU ({platform.machine()}, {torch.get_num_threads()} torch threads); "
-                     "no CUDA device, so kernels='auto' picks the plain-torch backend")
-    return lines
+    return f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}"
 
 
-def describe_choices(device: torch.device, dtype: torch.dtype, shapes=SEED_SHAPES) -> list[str]:
-    from qwen2_triton.kernels import launch
-
-    sm = launch.sm_count_of(device)
-    lines = [f"kernels: {'triton' if device.type == 'cuda' else 'torch (the Triton kernels need CUDA or TRITON_INTERPRET=1)'}"
-             f", dtype {str(dtype).replace('torch.', '')}"]
+def describe_shapes(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningCache, tune_now: bool) -> list[str]:
+    """Per model shape: the row-kernel settings, the decode split counts, and the attention tiles with their
+    source (tuned now, cached for this GPU, or the heuristic)."""
+    lines = []
     for name, hidden, inter, heads, kv, hd in shapes:
-        pre = launch.prefill_config(hd, dtype)
-        dec = launch.decode_config(hd, dtype, heads // kv)
-        lines.append(
-            f"  {name:11s} rmsnorm BLOCK={launch.rmsnorm_config(hidden).BLOCK} | swiglu BLOCK="
-            f"{launch.swiglu_config(inter).BLOCK} | prefill {pre.BLOCK_M}x{pre.BLOCK_N} w{pre.num_warps} | decode "
-            f"group {heads // kv} in {dec.BLOCK_M} rows, BLOCK_N={dec.BLOCK_N} | splits at batch 1 x 32k: "
-            f"{launch.num_kv_splits(1, kv, 32768, sm)}, batch 64 x 4k: {launch.num_kv_splits(64, kv, 4096, sm)}")
-    lines.append("  (why: see the docstrings of kernels/launch.py; registers and spills: qwen2-triton kernels check)")
+        shape = AttentionShape(heads, kv, hd, BLOCK_SIZE)
+        plan = plan_kernels(info, dtype, "triton", shape, tune_now=tune_now, cache=cache)
+        tiles = []
+        for kernel, key in attention_keys(info, dtype, shape).items():
+            result = getattr(plan, kernel)
+            cached = cache.get(key) if info.type == "cuda" and not tune_now else None
+            source = (f"cached for this GPU in {cache.path}" if cached else
+                      "tuned now" if result.source == "tuned" else
+                      "from the cache" if result.source == "cache" else "heuristic until tuned for this GPU")
+            n = len((launch.prefill_candidates if kernel == "prefill" else
+                     lambda d, t, c: launch.decode_candidates(d, t, heads // kv, c))(hd, dtype, info.capability))
+            tiles.append(f"{kernel} {config_label(cached or result.config)} [{source}; {n} candidates]")
+        sm = info.sm_count
+        lines.append(f"  {name:11s} rmsnorm BLOCK={launch.rmsnorm_config(hidden).BLOCK} | swiglu BLOCK="
+                     f"{launch.swiglu_config(inter).BLOCK} | " + " | ".join(tiles) +
+                     f" | splits at batch 1 x 32k: {launch.num_kv_splits(1, kv, 32768, sm)}, "
+                     f"batch 64 x 4k: {launch.num_kv_splits(64, kv, 4096, sm)}")
+    lines.append("  (why: runtime/kernel_plan.py and the docstrings of kernels/launch.py; registers, spills and "
+                 "shared memory of every candidate: qwen2-triton kernels check)")
     return lines
+
+
+def _model_shape(path: str):
+    """[(name, hidden, intermediate, heads, kv heads, head_dim)] of a checkpoint, from its config only."""
+    import os
+
+    from qwen2_triton.model.config import Qwen2Config
+    from qwen2_triton.model.loader import is_gguf_file
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if os.path.isdir(path):
+        cfg = Qwen2Config.from_file(os.path.join(path, "config.json"))
+    elif is_gguf_file(path):
+        from qwen2_triton.model.gguf_loader import load_gguf  # tensors load lazily: this reads the metadata
+
+        cfg = Qwen2Config.from_dict(load_gguf(path, progress=False).config, source=path)
+    else:
+        raise ValueError(f"{path} is neither a checkpoint directory (config.json + safetensors) nor a GGUF file")
+    return [(os.path.basename(os.path.normpath(path)), cfg.hidden_size, cfg.intermediate_size,
+             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qwen2-triton env")
-    ap.add_argument("--device", default=None)
+    ap = argparse.ArgumentParser(prog="qwen2-triton env", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    ap.add_argument("--arch", default=None, help="report for an assumed GPU of this capability, e.g. sm_86")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--model", default=None, help="checkpoint directory or GGUF file whose shape to report")
+    ap.add_argument("--tune", action="store_true", help="on a GPU, tune the attention tiles now (cached on disk)")
+    ap.add_argument("--tuning-cache", default=None, help="tuning cache file (default ~/.cache/qwen2_triton)")
     a = ap.parse_args(argv)
-    from qwen2_triton.runtime.device import resolve_device, resolve_dtype
+    from qwen2_triton.runtime.device import resolve_device
 
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    if device.type == "cpu" and a.dtype == "auto":
-        dtype = torch.bfloat16  # show what a GPU serving run would use
-    print("\n".join(describe_device(device) + describe_choices(device, dtype)))
+    if a.arch is not None:
+        if a.tune:
+            ap.error("--tune times kernels on this machine's GPU; it cannot go with an assumed --arch")
+        try:
+            info = DeviceInfo.assume(a.arch)
+        except ValueError:
+            ap.error(f"--arch must look like sm_80, sm_86, sm_90; got {a.arch!r}")
+    else:
+        info = DeviceInfo.of(resolve_device(a.device))
+    if a.tune and info.type != "cuda":
+        ap.error("--tune needs a CUDA device")
+    dtype, why_dtype = choose_dtype(a.dtype, info)
+    kernels, why_kernels = choose_kernels("auto", info)
+    lines = [versions(), info.describe(), why_kernels, why_dtype]
+    if kernels != "triton":
+        if info.type == "cpu":
+            lines.append("(the Triton choices a GPU would get: qwen2-triton env --arch sm_90)")
+        print("\n".join(lines))
+        return 0
+    shapes = _model_shape(a.model) if a.model else SEED_SHAPES
+    cache = TuningCache(a.tuning_cache)
+    lines += describe_shapes(info, dtype, shapes, cache, a.tune)
+    print("\n".join(lines))
     return 0

@@ -13,10 +13,12 @@ from qwen2_triton.model.loader import LoadedModel, load_model
 from qwen2_triton.model.tokenizer import IncrementalDetokenizer
 from qwen2_triton.runtime.backend import select_ops
 from qwen2_triton.runtime.block_manager import BlockManager
-from qwen2_triton.runtime.device import resolve_device, resolve_dtype
+from qwen2_triton.runtime.device import resolve_device
+from qwen2_triton.runtime.kernel_plan import AttentionShape, DeviceInfo, choose_dtype, choose_kernels, plan_kernels
 from qwen2_triton.runtime.model_runner import ModelRunner, kv_bytes_per_block, profile_step_memory
 from qwen2_triton.runtime.sampling_params import CompletionOutput, RequestOutput, SamplingParams
 from qwen2_triton.runtime.scheduler import Scheduler
+from qwen2_triton.runtime.tuning import TuningCache
 from qwen2_triton.runtime.sequence import Sequence, Status
 
 GENERATION_CONFIG_CHOICES = ("auto", "none")
@@ -43,13 +45,19 @@ class LLM:
             min(max_model_len, 32768) tokens on CPU.
         enforce_eager: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket at start-up;
             True runs every step eagerly.
+        tune: on a GPU, time the attention tile candidates for this model once at start-up (a few seconds) and
+            keep the choice in the tuning cache, so later starts on the same GPU and Triton reuse it; False keeps
+            kernels/launch.py's heuristics. ``llm.plan.describe()`` says what was chosen and why.
+        tuning_cache: path of the tuning cache file (default $QWEN2_TRITON_CACHE_DIR or
+            ~/.cache/qwen2_triton, file tuning.json).
     """
 
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kernels: str = "auto", generation_config: str = "auto", max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enforce_eager: bool = False, progress: bool = True):
+                 enforce_eager: bool = False, tune: bool = True, tuning_cache: str | None = None,
+                 progress: bool = True):
         if generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {GENERATION_CONFIG_CHOICES}, got {generation_config!r}")
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -62,9 +70,14 @@ class LLM:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         if isinstance(model, LoadedModel):
             self.device, self.dtype = model.model.device, model.model.dtype
+            info = DeviceInfo.of(self.device)
+            reasons = [f"dtype {str(self.dtype).replace('torch.', '')}, kernels={model.model.ops.name}: "
+                       "from the LoadedModel passed in"]
         else:
             self.device = resolve_device(device)
-            self.dtype = resolve_dtype(dtype, self.device)
+            info = DeviceInfo.of(self.device)
+            self.dtype, why_dtype = choose_dtype(dtype, info)
+            reasons = [why_dtype, choose_kernels(kernels, info)[1]]
         if model is None:
             from qwen2_triton.model.demo import demo_model_path
 
@@ -79,6 +92,12 @@ class LLM:
         self.generation_defaults = loaded.generation_defaults if generation_config == "auto" else {}
         cfg = self.model.cfg
         self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
+        # Kernel choices and tuning come before the KV pool is sized and before graphs are captured.
+        self.plan = plan_kernels(info, self.dtype, self.ops.name, AttentionShape.of(cfg, block_size),
+                                 tune_now=tune, reasons=reasons, device=self.device,
+                                 cache=TuningCache(tuning_cache) if tuning_cache is not None else None)
+        if hasattr(self.ops, "use_plan"):
+            self.ops.use_plan(self.plan)
         num_blocks = self._num_kv_blocks(kv_cache_tokens, block_size, gpu_memory_utilization,
                                          max_num_batched_tokens)
         self.blocks = BlockManager(num_blocks, block_size)
@@ -88,8 +107,11 @@ class LLM:
         self._ids = itertools.count()
         if progress:
             graphs = self.runner.decode_graphs
+            for line in self.plan.describe():
+                print(f"qwen2-triton: {line}", file=sys.stderr)
             print(f"qwen2-triton: decode CUDA graphs for batch sizes {graphs.buckets}" if graphs else
-                  "qwen2-triton: decode runs eagerly (no CUDA device, or enforce_eager)", file=sys.stderr)
+                  "qwen2-triton: decode runs eagerly (no CUDA device, kernels=torch, or enforce_eager)",
+                  file=sys.stderr)
             print(f"qwen2-triton: {cfg.num_hidden_layers} layers, {self.dtype}, {self.device}, kernels={self.ops.name}; "
                   f"KV cache {self.blocks.capacity_tokens} tokens in {num_blocks} blocks of {block_size}",
                   file=sys.stderr)
@@ -172,12 +194,19 @@ class LLM:
         return min(self.max_model_len, self.blocks.capacity_tokens) - num_prompt_tokens
 
     def stats(self) -> dict:
-        """Counters since start-up: decode steps replayed from CUDA graphs, steps run eagerly (prefill, or a
-        decode batch no graph fits), and preemptions (sequences recomputed because the KV pool was full)."""
+        """Counters since start-up:
+        graph_replays: decode steps replayed from a captured CUDA graph;
+        eager_steps: steps run eagerly (prefill and mixed prefill + decode steps run eagerly by design);
+        eager_decode_fallbacks: pure decode steps that ran eagerly although graphs were captured (a batch or a
+            context no graph fits): expected 0, warned about once when it happens;
+        padded_eager_decodes: decode steps on the padded buffers without a graph (enforce_eager tests on CPU);
+        preemptions: sequences recomputed because the KV pool was full."""
         graphs = self.runner.decode_graphs
         return {"graph_replays": graphs.replays if graphs else 0,
+                "eager_steps": self.runner.eager_steps,
+                "eager_decode_fallbacks": self.runner.eager_decode_fallbacks,
                 "padded_eager_decodes": graphs.eager_runs if graphs else 0,
-                "eager_steps": self.runner.eager_steps, "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions}
 
     # ------------------------------------------------------------------------------------------ internals
     def _make_sequences(self, prompts, sampling_params) -> list[Sequence]:
@@ -246,7 +275,11 @@ class LLM:
         chunks = self.scheduler.schedule()
         if not chunks:
             raise RuntimeError("scheduler produced an empty step with work pending (KV pool too small?)")
+        fallbacks = self.runner.eager_decode_fallbacks
         result = self.runner.run(chunks, self.blocks)
+        if self.runner.eager_decode_fallbacks and not fallbacks:
+            print("qwen2-triton: warning: a decode step ran without its CUDA graph (no graph fits the batch or "
+                  "context); llm.stats()['eager_decode_fallbacks'] counts them", file=sys.stderr)
         for seq_id, entries in result.prompt_logprobs.items():
             next(c.seq for c in chunks if c.seq.seq_id == seq_id).prompt_logprobs.extend(entries)
         for c in chunks:

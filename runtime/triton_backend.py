@@ -2,8 +2,8 @@
 
 Chosen once at start-up by ``select_ops``. Host work per call is argument checks and a launch; nothing here
 syncs with the device, so decode steps stay capturable in CUDA graphs. Launch settings (BLOCK sizes, warps,
-the split-KV count) come from kernels/launch.py, the single place that decides them; the only device fact they
-need, the SM count, is read here once.
+the split-KV count) come from kernels/launch.py, the single place that decides them; the SM count is read here
+once, and the attention tiles come from the start-up KernelPlan (runtime/kernel_plan.py, ``use_plan``).
 
 Note for graph capture: the decode split count is derived from meta.max_seqlen_k; a captured graph bakes in
 the count chosen at capture time, which stays correct for any length (splits past a sequence's end are empty
@@ -34,6 +34,13 @@ class TritonOps:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.sm_count = sm_count_of(self.device)  # None on CPU: kernels/launch.py then picks a small split count
+        self.prefill_cfg = self.decode_cfg = None  # attention tiles: kernels/launch.py heuristics until use_plan
+
+    def use_plan(self, plan) -> None:
+        """Take the attention tiles of a runtime/kernel_plan.py KernelPlan (tuned or heuristic). Called once at
+        start-up, before any decode graph is captured: a captured graph keeps the tiles it was captured with."""
+        self.prefill_cfg = plan.prefill.config if plan.prefill else None
+        self.decode_cfg = plan.decode.config if plan.decode else None
 
     linear = staticmethod(F.linear)  # cuBLAS
 
@@ -56,4 +63,5 @@ class TritonOps:
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float) -> torch.Tensor:
-        return _attention.attention(q, k_cache, v_cache, meta, scale, sm_count=self.sm_count)
+        return _attention.attention(q, k_cache, v_cache, meta, scale, sm_count=self.sm_count,
+                                    prefill_cfg=self.prefill_cfg, decode_cfg=self.decode_cfg)

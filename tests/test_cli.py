@@ -64,7 +64,21 @@ def test_bad_sampling_value_is_a_clear_error(ckpt):
 def test_env_reports_device_and_choices():
     out = cli("env")
     assert out.returncode == 0, out.stderr
-    assert "torch" in out.stdout and "triton" in out.stdout and "Qwen2-7B" in out.stdout and "decode" in out.stdout
+    assert "torch" in out.stdout and "triton" in out.stdout and "kernels=" in out.stdout and "dtype" in out.stdout
+
+
+def test_env_for_an_assumed_gpu(ckpt):
+    """Without a GPU, --arch shows what each capability would get and why."""
+    h100, a10, t4 = cli("env", "--arch", "sm_90"), cli("env", "--arch", "sm_86"), cli("env", "--arch", "sm_75")
+    assert h100.returncode == a10.returncode == t4.returncode == 0, h100.stderr + a10.stderr + t4.stderr
+    assert "sm_90" in h100.stdout and "227 KB" in h100.stdout and "kernels=triton" in h100.stdout
+    assert "Qwen2-7B" in h100.stdout and "prefill 64x64w8s2" in h100.stdout and "6 candidates" in h100.stdout
+    assert "99 KB" in a10.stdout and "4 candidates" in a10.stdout  # fewer prefill tiles fit 99 KB at head_dim 128
+    assert "kernels=torch" in t4.stdout and "below Triton's sm_80 floor" in t4.stdout and "float16" in t4.stdout
+    one = cli("env", "--arch", "sm_90", "--model", ckpt)
+    assert one.returncode == 0 and "Qwen2-7B" not in one.stdout and "decode 16x" in one.stdout
+    bad = cli("env", "--tune")
+    assert bad.returncode == 2 and "--tune needs a CUDA device" in bad.stderr
 
 
 def test_chat_survives_a_history_longer_than_the_context(ckpt):

@@ -1,0 +1,165 @@
+"""Small autotuning of the attention tile configs, cached on disk so that a restart does not re-tune.
+
+What is tuned: the tiles, warps and stages of prefill and split-KV decode attention, the two launches whose
+best setting depends on the GPU (shared memory, SM count, wgmma on sm_90) as much as on the shape. The row
+kernels (RMSNorm, SwiGLU, rotary, store_kv) stream memory with one sensible setting each (kernels/launch.py).
+Candidates: kernels/launch.py ``prefill_candidates`` / ``decode_candidates`` for the device's compute
+capability, each compiled and checked for registers, spills and shared memory on sm_80/86/90 by
+kernels/compile_check.py, and each tested against the reference in tests/test_kernel_attention_configs.py.
+When: once at start-up (runtime/kernel_plan.py), after the weights load and before the KV pool is sized and the
+decode graphs are captured: a captured graph keeps the configs it was captured with.
+Key: ``<GPU name>|sm_<cap>|triton <version>|<kernel>|<shape bucket>``; the bucket names the dtype, the head
+layout and the timed shape (``SHAPES``).
+Cache: one JSON object in ``$QWEN2_TRITON_CACHE_DIR/tuning.json`` (default ~/.cache/qwen2_triton), replaced
+atomically on each write. An unreadable file is reported and starts over; a cached choice that is no longer a
+candidate (the lists in kernels/launch.py changed) is tuned again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen2_triton.kernels.launch import AttnConfig
+
+# The shapes timed per kernel: a 2048-token prompt (one sequence), and decode of 8 sequences over 4096 keys each
+# (batch 1 moves 2 MB of K/V for Qwen2-0.5B, ~1 us on an H100: launch overhead would pick the winner).
+SHAPES = {"prefill": dict(q_len=2048, seq_len=2048, batch=1), "decode": dict(q_len=1, seq_len=4096, batch=8)}
+# A candidate replaces the heuristic default only when at least this much faster: timing noise must not flip it.
+MIN_GAIN = 0.03
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("QWEN2_TRITON_CACHE_DIR") or os.path.join(Path.home(), ".cache", "qwen2_triton")
+    return Path(root) / "tuning.json"
+
+
+def tuning_key(gpu_name: str, capability: int, triton_version: str, kernel: str, bucket: str) -> str:
+    return f"{gpu_name}|sm_{capability}|triton {triton_version}|{kernel}|{bucket}"
+
+
+def config_label(cfg: AttnConfig) -> str:
+    """64x64w4s2: BLOCK_M x BLOCK_N, warps, stages."""
+    return f"{cfg.BLOCK_M}x{cfg.BLOCK_N}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+class TuningCache:
+    """The on-disk record of tuned choices: {key: {"config": {...}, "ms": ..., "timings": {...}, "date": ...}}."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.entries: dict[str, dict] = {}
+        self.problem = ""  # why an existing file was not used, for the start-up report
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if not isinstance(data, dict):
+                    raise ValueError(f"top level is a {type(data).__name__}, not an object")
+                self.entries = data
+            except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                self.problem = f"tuning cache {self.path} unreadable ({exc}); tuning again"
+                print(f"qwen2-triton: {self.problem}", file=sys.stderr)
+
+    def get(self, key: str) -> AttnConfig | None:
+        entry = self.entries.get(key)
+        try:
+            return AttnConfig(**entry["config"]) if entry else None
+        except (TypeError, KeyError):  # an entry from another version of AttnConfig
+            return None
+
+    def put(self, key: str, cfg: AttnConfig, timings: dict[str, float]) -> None:
+        self.entries[key] = {"config": dataclasses.asdict(cfg), "ms": timings[config_label(cfg)],
+                             "timings": timings, "date": datetime.date.today().isoformat()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file, never half
+        except OSError as exc:  # a read-only home must not stop serving: the choice still holds in memory
+            print(f"qwen2-triton: could not write the tuning cache {self.path}: {exc}", file=sys.stderr)
+
+
+@dataclass
+class TuneResult:
+    config: AttnConfig
+    source: str  # "tuned" | "cache" | "default"
+    detail: str  # timings, the cache file, or why the default stands
+
+
+def _launch_errors() -> tuple[type[BaseException], ...]:
+    """What a candidate that does not fit this GPU raises: out of shared memory or registers at launch, a
+    compile error. Anything else (a wrong result, a CUDA fault) is a bug and propagates."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    return (OutOfResources, CompilationError)
+
+
+def tune(key: str, candidates: list[AttnConfig], time_ms: Callable[[AttnConfig], float],
+         cache: TuningCache) -> TuneResult:
+    """The fastest of ``candidates`` by ``time_ms`` (milliseconds per call), or the cached choice for ``key`` if
+    it is still a candidate. candidates[0] is the heuristic default: kept unless another is MIN_GAIN faster, and
+    when no candidate can be timed."""
+    cached = cache.get(key)
+    if cached is not None and cached in candidates:
+        return TuneResult(cached, "cache", f"cached in {cache.path}")
+    timings, failed = {}, []
+    for cfg in candidates:
+        try:
+            timings[config_label(cfg)] = float(time_ms(cfg))
+        except _launch_errors() as exc:
+            failed.append(f"{config_label(cfg)}: {type(exc).__name__}")
+    if not timings:
+        return TuneResult(candidates[0], "default", "no candidate could run (" + "; ".join(failed) + ")")
+    best = min((c for c in candidates if config_label(c) in timings), key=lambda c: timings[config_label(c)])
+    default_ms = timings.get(config_label(candidates[0]))
+    if default_ms is not None and timings[config_label(best)] > (1 - MIN_GAIN) * default_ms:
+        best = candidates[0]
+    cache.put(key, best, timings)
+    vs = f" vs {default_ms:.4f} ms for the default" if default_ms is not None and best != candidates[0] else ""
+    skipped = f"; skipped {', '.join(failed)}" if failed else ""
+    return TuneResult(best, "tuned", f"{timings[config_label(best)]:.4f} ms{vs}, best of {len(timings)}{skipped}")
+
+
+def attention_timers(device, dtype, n_q_heads: int, n_kv_heads: int, head_dim: int, block_size: int,
+                     sm_count: int | None, bench: Callable | None = None) -> dict[str, Callable[[AttnConfig], float]]:
+    """Per kernel, a function timing one launch of it with a given config on random data in ``SHAPES``.
+    ``bench(fn) -> ms`` defaults to triton.testing.do_bench (CUDA); tests pass their own to run the launches
+    through the interpreter."""
+    import torch
+
+    from qwen2_triton.kernels.attention_decode import attention_decode
+    from qwen2_triton.kernels.attention_prefill import attention_prefill
+    from qwen2_triton.kernels.launch import num_kv_splits
+    from qwen2_triton.kernels.testing import make_paged_batch
+
+    if bench is None:
+        from triton.testing import do_bench as bench
+    scale = head_dim ** -0.5
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def batch(kind):
+        s = SHAPES[kind]
+        return make_paged_batch([s["q_len"]] * s["batch"], [s["seq_len"]] * s["batch"], n_q_heads, n_kv_heads,
+                                head_dim, dtype, block_size=block_size, device=device, generator=g)
+
+    pre, dec = batch("prefill"), batch("decode")
+    splits = num_kv_splits(SHAPES["decode"]["batch"], n_kv_heads, SHAPES["decode"]["seq_len"], sm_count)
+    out_pre, out_dec = torch.empty_like(pre[0]), torch.empty_like(dec[0])
+    return {
+        "prefill": lambda cfg: bench(lambda: attention_prefill(*pre, scale, out_pre, cfg)),
+        "decode": lambda cfg: bench(lambda: attention_decode(*dec, scale, out_dec, splits, cfg)),
+    }
+
+
+def shape_bucket(kernel: str, dtype, n_q_heads: int, n_kv_heads: int, head_dim: int, block_size: int) -> str:
+    s = SHAPES[kernel]
+    return (f"{str(dtype).replace('torch.', '')} Hq={n_q_heads} Hk={n_kv_heads} D={head_dim} page={block_size} "
+            f"B={s['batch']} q={s['q_len']} k={s['seq_len']}")
