@@ -76,12 +76,15 @@ class ModelRunner:
         if self.device.type == "cuda" and not enforce_eager and getattr(model.ops, "capturable", False):
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, max_model_len, block_size,
                                               use_graphs=True)
-        self.eager_steps = 0  # steps that ran without a graph (prefill, or a decode that did not fit one)
+        self.eager_steps = 0  # steps that ran without a graph: prefill and mixed steps, and the fallbacks below
+        self.eager_decode_fallbacks = 0  # pure decode steps that ran eagerly although graphs were captured
         self.history = TokenHistory(max_num_seqs, model.cfg.vocab_size, self.device)  # penalty state
 
     def release(self, seq) -> None:
         """The sequence left the running set (finished or preempted)."""
         self.history.release(seq)
+        if self.decode_graphs is not None:
+            self.decode_graphs.forget(seq.seq_id)
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
         dev = self.device
@@ -109,11 +112,13 @@ class ModelRunner:
         width = max(len(c.seq.block_table) for c in chunks)
         graphs = self.decode_graphs
         with self.model.ops.step_context():
-            if graphs is not None and max_q == 1 and len(row_of) == len(chunks) and graphs.fits(len(chunks), width):
-                # a pure decode step (one token per sequence, each sampled): replay the captured graph
-                logits = graphs.run(ids, pos, slots, lens, [c.seq.block_table for c in chunks])
+            pure_decode = max_q == 1 and len(row_of) == len(chunks)  # one token per sequence, each sampled
+            if graphs is not None and pure_decode and graphs.fits(len(chunks), width):
+                logits = graphs.run(ids, pos, slots, lens, [c.seq.block_table for c in chunks],
+                                    [c.seq.seq_id for c in chunks])
             else:
                 self.eager_steps += 1
+                self.eager_decode_fallbacks += graphs is not None and pure_decode
                 tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
                 meta = AttentionMetadata(
                     cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
