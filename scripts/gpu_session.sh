@@ -22,8 +22,11 @@ rm -rf /tmp/ns && mkdir -p /tmp/ns && cp -r qwen2_triton /tmp/ns/
 for d in kernels model runtime bench; do ln -s "$PWD/$d" "/tmp/ns/qwen2_triton/$d"; done
 export PYTHONPATH="/tmp/ns:$PYTHONPATH"
 [ -d .gpu/tokenizer ] && export QWEN2_TRITON_TOKENIZER_DIR="$PWD/.gpu/tokenizer"
+# The tuning cache comes back with the results: which attention tiles won on this GPU, with every timing.
+export QWEN2_TRITON_CACHE_DIR="$OUT/qwen2_triton_cache"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m qwen2_triton.cli env --tune 2>&1 | tee "$OUT/env.log"  # tunes the seed shapes once, for all below
 python3 -m pytest tests -q --durations=20 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 python3 -m pytest bench -q -p no:cacheprovider 2>&1 | tee "$OUT/bench_kernels.log"
 python3 -m qwen2_triton.bench.e2e --out bench/results/e2e.csv 2>&1 | tee "$OUT/bench_e2e.log"
