@@ -1,6 +1,6 @@
 """CPU decode benchmark: batch-1 float32 decode tokens/s of the demo model, qwen2-triton vs HF transformers.
 
-    qwen2-triton bench [--model PATH] [--tokens 64] [--repeats 3] [--no-hf] [--out bench/results/cpu_decode.csv]
+    qwen2-triton bench cpu-decode [--model PATH] [--tokens 64] [--repeats 3] [--no-hf] [--out bench/results/cpu_decode.csv]
 
 Decode rate = N / (time(prompt + N+1 tokens) - time(prompt + 1 token)): the prefill and the first token cancel
 out, as in Qwen's own speed benchmark. Both engines run greedy, ignore EOS, on the same GGUF, in this process,
@@ -80,9 +80,8 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qwen2-triton bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="qwen2-triton bench cpu-decode", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu-decode", action="store_true", help="(the default and only CPU benchmark)")
     ap.add_argument("--model", default=None, help="default: the demo model")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

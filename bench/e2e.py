@@ -1,6 +1,6 @@
 """End-to-end GPU benchmark with random weights in the exact shapes of the Qwen2 releases (no download).
 
-    python -m qwen2_triton.bench.e2e [--models qwen2-0.5b,qwen2-1.5b,qwen2-7b,qwen1.5-4b] [--out CSV]
+    qwen2-triton bench e2e [--models qwen2-0.5b,qwen2-1.5b,qwen2-7b,qwen1.5-4b] [--out CSV]
 
 Per model, in one run: batch-1 decode tokens/s with CUDA graphs and eager, and the bandwidth that implies
 (bytes of weights read per token x tokens/s, as gpt-fast reports it); prefill tokens/s at 1k/4k/16k; offline
@@ -129,7 +129,7 @@ def hf_decode_tps(name: str, dtype, device, tiny: bool, n_tokens: int, compiled:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwen2_triton.bench.e2e", description=__doc__,
+    ap = argparse.ArgumentParser(prog="qwen2-triton bench e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--tiny", action="store_true", help="shrunken shapes: a smoke test, also on CPU")

@@ -9,7 +9,8 @@ EPILOG = """examples:
   qwen2-triton generate --model ./Qwen2-1.5B-Instruct --max-tokens 128 "Explain GQA in one line."
   qwen2-triton chat --model ./qwen2-0_5b-instruct-q8_0.gguf
   qwen2-triton kernels check --arch sm_80,sm_90
-  qwen2-triton bench --cpu-decode
+  qwen2-triton bench e2e --models qwen2-7b --out bench/results/e2e.csv
+  qwen2-triton bench cpu-decode
   qwen2-triton env
 """
 
@@ -101,10 +102,36 @@ def cmd_kernels_check(a) -> int:
     return check(["--arch", a.arch])
 
 
-def cmd_bench(a) -> int:
-    from qwen2_triton.bench.cpu_decode import main as bench
+BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode] [options]
 
-    return bench(a.rest)
+  e2e         random weights in the shapes of Qwen2-0.5B/1.5B/7B and Qwen1.5-4B: batch-1 decode with and without
+              CUDA graphs, prefill 1k/4k/16k, offline throughput, HF transformers as the peer (the default on a GPU)
+  cpu-decode  the demo model's float32 batch-1 decode against HF transformers (the default without a GPU)
+
+'qwen2-triton bench e2e --help' and 'qwen2-triton bench cpu-decode --help' list the options."""
+
+
+def cmd_bench(a) -> int:
+    rest = list(a.rest)
+    if rest[:1] in (["-h"], ["--help"]):
+        print(BENCH_HELP)
+        return 0
+    which = rest.pop(0) if rest[:1] in (["e2e"], ["cpu-decode"]) else None
+    if which is None:
+        if "--cpu-decode" in rest:  # the flag of earlier releases
+            rest.remove("--cpu-decode")
+            which = "cpu-decode"
+        else:
+            import torch
+
+            which = "e2e" if torch.cuda.is_available() else "cpu-decode"
+            print(f"qwen2-triton bench: running '{which}' ({'a' if which == 'e2e' else 'no'} CUDA device; "
+                  "'qwen2-triton bench --help' for the other)", file=sys.stderr)
+    if which == "e2e":
+        from qwen2_triton.bench.e2e import main as bench
+    else:
+        from qwen2_triton.bench.cpu_decode import main as bench
+    return bench(rest)
 
 
 def cmd_env(a) -> int:
@@ -132,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     kc = ksub.add_parser("check", help="compile every kernel variant ahead of time and report registers/spills")
     kc.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
     kc.set_defaults(fn=cmd_kernels_check)
-    b = sub.add_parser("bench", help="CPU decode benchmark against HF transformers (qwen2-triton bench --help)",
-                       add_help=False)
+    b = sub.add_parser("bench", help="benchmarks against HF transformers: e2e (GPU) or cpu-decode "
+                       "(qwen2-triton bench --help)", add_help=False)
     b.set_defaults(fn=cmd_bench)
     e = sub.add_parser("env", help="print the device, versions and the kernel choices made for it", add_help=False)
     e.set_defaults(fn=cmd_env)

@@ -29,5 +29,5 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m qwen2_triton.cli env --tune 2>&1 | tee "$OUT/env.log"  # tunes the seed shapes once, for all below
 python3 -m pytest tests -q --durations=20 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 python3 -m pytest bench -q -p no:cacheprovider 2>&1 | tee "$OUT/bench_kernels.log"
-python3 -m qwen2_triton.bench.e2e --out bench/results/e2e.csv 2>&1 | tee "$OUT/bench_e2e.log"
+python3 -m qwen2_triton.cli bench e2e --out bench/results/e2e.csv 2>&1 | tee "$OUT/bench_e2e.log"
 cp bench/results/*.csv "$OUT/" 2>/dev/null || true

@@ -86,3 +86,13 @@ def test_chat_survives_a_history_longer_than_the_context(ckpt):
               input="word " * 30 + "\nshort\n/exit\n")
     assert out.returncode == 0, out.stderr
     assert "exceeds the model's context" in out.stderr and out.stdout.count("> ") == 3
+
+
+def test_bench_dispatch():
+    """`qwen2-triton bench` names both benchmarks; e2e runs (shrunken shapes) from the CLI."""
+    out = cli("bench", "--help")
+    assert out.returncode == 0 and "e2e" in out.stdout and "cpu-decode" in out.stdout
+    e2e = cli("bench", "e2e", "--tiny", "--models", "qwen2-0.5b", "--decode-tokens", "4", "--prefill", "32",
+              "--requests", "4", "--no-hf")
+    assert e2e.returncode == 0, e2e.stderr
+    assert "qwen2-0.5b" in e2e.stdout
