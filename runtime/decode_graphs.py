@@ -28,9 +28,10 @@ class DecodeGraphs:
     """Static decode buffers for up to ``max_num_seqs`` sequences and one graph per batch-size bucket.
 
     Host work per step is O(batch): the step's token ids, positions, slots and lengths go to the device in one
-    copy (rows of ``inputs``; the int32 lengths the kernels read are converted inside the step), and the block
-    tables live on the device, kept up to date from a host mirror that only writes what changed: a running
-    sequence gains a block every ``block_size`` tokens, so most steps copy no table at all.
+    contiguous pinned copy (rows of ``inputs``; the int32 lengths the kernels read are converted inside the
+    step), and the block tables live on the device: only entries that changed travel, as (flat index, block)
+    pairs in one copy and one scatter. A running sequence gains a block every ``block_size`` tokens, so most
+    steps send none; a row is resent whole when another sequence takes it over.
     """
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
@@ -44,16 +45,14 @@ class DecodeGraphs:
         self.block_size = block_size
         # rows: token ids, positions, cache slots, sequence lengths (int64; one host->device copy per step)
         self.inputs = torch.zeros((4, self.max_bs), dtype=torch.int64, device=dev)
+        self.inputs[3] = 1  # capture-time lengths: one key each
         self.input_ids, self.positions, self.slot_mapping = self.inputs[0], self.inputs[1], self.inputs[2]
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((self.max_bs, self.max_blocks), DUMMY_BLOCK, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
-        pin = dev.type == "cuda"
-        self._host_inputs = torch.zeros((4, self.max_bs), dtype=torch.int64, pin_memory=pin)
-        self._host_tables = torch.full((self.max_bs, self.max_blocks), DUMMY_BLOCK, dtype=torch.int32,
-                                       pin_memory=pin)
-        self._row_owner = [None] * self.max_bs  # seq_id whose table row i holds, or None
-        self._row_len = [0] * self.max_bs  # entries of that table already in _host_tables and on the device
+        self._host_inputs = torch.zeros((4, self.max_bs), dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._row_owner = [None] * self.max_bs  # seq_id whose table row i holds on the device, "pad", or None
+        self._row_len = [0] * self.max_bs  # entries of that table already on the device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0
@@ -94,23 +93,22 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def _stage_tables(self, seq_ids: list[int], block_tables: list[list[int]], bs: int) -> int:
-        """Bring rows [0, bs) of the host mirror up to date; returns the widest row changed (0: none).
+    def _table_updates(self, seq_ids: list[int], block_tables: list[list[int]], bs: int) -> list[int]:
+        """Flat indices into ``block_tables`` followed by the block ids to write there, for rows [0, bs).
         Padding rows need only column 0 (their one key sits in the dummy block)."""
-        widest = 0
+        idx, val = [], []
         for i in range(bs):
             if i < len(seq_ids):
                 sid, table = seq_ids[i], block_tables[i]
                 start = self._row_len[i] if self._row_owner[i] == sid else 0
-                if len(table) > start:
-                    self._host_tables[i, start:len(table)] = torch.tensor(table[start:], dtype=torch.int32)
-                    widest = max(widest, len(table))
+                idx.extend(range(i * self.max_blocks + start, i * self.max_blocks + len(table)))
+                val.extend(table[start:])
                 self._row_owner[i], self._row_len[i] = sid, len(table)
             elif self._row_owner[i] != "pad":
-                self._host_tables[i, 0] = DUMMY_BLOCK
+                idx.append(i * self.max_blocks)
+                val.append(DUMMY_BLOCK)
                 self._row_owner[i], self._row_len[i] = "pad", 1
-                widest = max(widest, 1)
-        return widest
+        return idx + val
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]], seq_ids: list[int]) -> torch.Tensor:
@@ -126,11 +124,13 @@ class DecodeGraphs:
         self._host_inputs[:, :bs] = torch.tensor([input_ids + [0] * pad, positions + [0] * pad,
                                                   slots + [DUMMY_BLOCK * self.block_size] * pad,
                                                   seq_lens + [1] * pad], dtype=torch.int64)
-        self.inputs[:, :bs].copy_(self._host_inputs[:, :bs], non_blocking=True)
-        width = self._stage_tables(seq_ids, block_tables, bs)
-        if width:
+        self.inputs.copy_(self._host_inputs, non_blocking=True)  # whole buffer: contiguous, so a direct DMA
+        updates = self._table_updates(seq_ids, block_tables, bs)
+        if updates:
             self.table_copies += 1
-            self.block_tables[:bs, :width].copy_(self._host_tables[:bs, :width], non_blocking=True)
+            pairs = torch.tensor(updates, dtype=torch.int64).to(self.block_tables.device, non_blocking=True)
+            n_upd = len(updates) // 2
+            self.block_tables.view(-1).index_copy_(0, pairs[:n_upd], pairs[n_upd:].to(torch.int32))
         if bs in self.graphs:
             self.graphs[bs].replay()
             self.replays += 1

@@ -29,23 +29,27 @@ def versions() -> str:
     return f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}"
 
 
-def describe_shapes(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningCache, tune_now: bool) -> list[str]:
+def describe_shapes(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningCache, tune_now: bool,
+                    device: torch.device | None = None) -> list[str]:
     """Per model shape: the row-kernel settings, the decode split counts, and the attention tiles with their
     source (tuned now, cached for this GPU, or the heuristic)."""
     lines = []
     for name, hidden, inter, heads, kv, hd in shapes:
         shape = AttentionShape(heads, kv, hd, BLOCK_SIZE)
-        plan = plan_kernels(info, dtype, "triton", shape, tune_now=tune_now, cache=cache)
+        plan = plan_kernels(info, dtype, "triton", shape, tune_now=tune_now, cache=cache, device=device)
+        candidates = {"prefill": launch.prefill_candidates(hd, dtype, info.capability),
+                      "decode": launch.decode_candidates(hd, dtype, heads // kv, info.capability)}
         tiles = []
         for kernel, key in attention_keys(info, dtype, shape).items():
             result = getattr(plan, kernel)
             cached = cache.get(key) if info.type == "cuda" and not tune_now else None
+            cached = cached if cached in candidates[kernel] else None  # a stale entry: LLM would tune again
             source = (f"cached for this GPU in {cache.path}" if cached else
                       "tuned now" if result.source == "tuned" else
-                      "from the cache" if result.source == "cache" else "heuristic until tuned for this GPU")
-            n = len((launch.prefill_candidates if kernel == "prefill" else
-                     lambda d, t, c: launch.decode_candidates(d, t, heads // kv, c))(hd, dtype, info.capability))
-            tiles.append(f"{kernel} {config_label(cached or result.config)} [{source}; {n} candidates]")
+                      "from the cache" if result.source == "cache" else
+                      "one config for float32" if dtype == torch.float32 else "heuristic until tuned for this GPU")
+            tiles.append(f"{kernel} {config_label(cached or result.config)} [{source}; "
+                         f"{len(candidates[kernel])} candidates]")
         sm = info.sm_count
         lines.append(f"  {name:11s} rmsnorm BLOCK={launch.rmsnorm_config(hidden).BLOCK} | swiglu BLOCK="
                      f"{launch.swiglu_config(inter).BLOCK} | " + " | ".join(tiles) +
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from qwen2_triton.runtime.device import resolve_device
 
+    device = None
     if a.arch is not None:
         if a.tune:
             ap.error("--tune times kernels on this machine's GPU; it cannot go with an assumed --arch")
@@ -98,7 +103,8 @@ def main(argv=None) -> int:
         except ValueError:
             ap.error(f"--arch must look like sm_80, sm_86, sm_90; got {a.arch!r}")
     else:
-        info = DeviceInfo.of(resolve_device(a.device))
+        device = resolve_device(a.device)
+        info = DeviceInfo.of(device)
     if a.tune and info.type != "cuda":
         ap.error("--tune needs a CUDA device")
     dtype, why_dtype = choose_dtype(a.dtype, info)
@@ -111,6 +117,6 @@ def main(argv=None) -> int:
         return 0
     shapes = _model_shape(a.model) if a.model else SEED_SHAPES
     cache = TuningCache(a.tuning_cache)
-    lines += describe_shapes(info, dtype, shapes, cache, a.tune)
+    lines += describe_shapes(info, dtype, shapes, cache, a.tune, device)
     print("\n".join(lines))
     return 0

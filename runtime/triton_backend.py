@@ -38,7 +38,8 @@ class TritonOps:
 
     def use_plan(self, plan) -> None:
         """Take the attention tiles of a runtime/kernel_plan.py KernelPlan (tuned or heuristic). Called once at
-        start-up, before any decode graph is captured: a captured graph keeps the tiles it was captured with."""
+        start-up, before any decode graph is captured: a captured graph keeps the tiles it was captured with.
+        The ops object belongs to the model: two LLMs built on one in-memory LoadedModel share the last plan."""
         self.prefill_cfg = plan.prefill.config if plan.prefill else None
         self.decode_cfg = plan.decode.config if plan.decode else None
 

@@ -35,8 +35,14 @@ SHAPES = {"prefill": dict(q_len=2048, seq_len=2048, batch=1), "decode": dict(q_l
 MIN_GAIN = 0.03
 
 
-def default_cache_path() -> Path:
-    root = os.environ.get("QWEN2_TRITON_CACHE_DIR") or os.path.join(Path.home(), ".cache", "qwen2_triton")
+def default_cache_path() -> Path | None:
+    """$QWEN2_TRITON_CACHE_DIR/tuning.json, else ~/.cache/qwen2_triton/tuning.json; None without a home."""
+    root = os.environ.get("QWEN2_TRITON_CACHE_DIR")
+    if not root:
+        try:
+            root = os.path.join(Path.home(), ".cache", "qwen2_triton")
+        except RuntimeError:  # no HOME and no passwd entry (some containers)
+            return None
     return Path(root) / "tuning.json"
 
 
@@ -50,32 +56,45 @@ def config_label(cfg: AttnConfig) -> str:
 
 
 class TuningCache:
-    """The on-disk record of tuned choices: {key: {"config": {...}, "ms": ..., "timings": {...}, "date": ...}}."""
+    """The on-disk record of tuned choices: {key: {"config": {...}, "ms": ..., "timings": {...}, "date": ...}}.
+    Nothing about the file may stop serving: unreadable, unwritable or no home at all, the choices then live
+    in memory for this process and the problem is printed once."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else default_cache_path()
         self.entries: dict[str, dict] = {}
         self.problem = ""  # why an existing file was not used, for the start-up report
-        if self.path.exists():
-            try:
+        if self.path is None:
+            self.problem = "no home directory for the tuning cache; set QWEN2_TRITON_CACHE_DIR to keep tunings"
+            print(f"qwen2-triton: {self.problem}", file=sys.stderr)
+            return
+        try:
+            if self.path.exists():
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 if not isinstance(data, dict):
                     raise ValueError(f"top level is a {type(data).__name__}, not an object")
                 self.entries = data
-            except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-                self.problem = f"tuning cache {self.path} unreadable ({exc}); tuning again"
-                print(f"qwen2-triton: {self.problem}", file=sys.stderr)
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError; PermissionError an OSError
+            self.problem = f"tuning cache {self.path} unreadable ({exc}); tuning again"
+            print(f"qwen2-triton: {self.problem}", file=sys.stderr)
 
     def get(self, key: str) -> AttnConfig | None:
         entry = self.entries.get(key)
         try:
-            return AttnConfig(**entry["config"]) if entry else None
+            cfg = AttnConfig(**entry["config"]) if entry else None
         except (TypeError, KeyError):  # an entry from another version of AttnConfig
             return None
+        if cfg is not None and not all(type(v) is type(d) for v, d in
+                                       zip(dataclasses.astuple(cfg), dataclasses.astuple(AttnConfig(1, 1, 1, 1)))):
+            return None  # 64.0 would equal 64 but reach a constexpr as a float: a foreign or hand-edited entry
+        return cfg
 
     def put(self, key: str, cfg: AttnConfig, timings: dict[str, float]) -> None:
         self.entries[key] = {"config": dataclasses.asdict(cfg), "ms": timings[config_label(cfg)],
                              "timings": timings, "date": datetime.date.today().isoformat()}
+        if self.path is None:
+            return
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-", suffix=".json")
@@ -84,6 +103,8 @@ class TuningCache:
             os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file, never half
         except OSError as exc:  # a read-only home must not stop serving: the choice still holds in memory
             print(f"qwen2-triton: could not write the tuning cache {self.path}: {exc}", file=sys.stderr)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @dataclass
@@ -94,30 +115,35 @@ class TuneResult:
 
 
 def _launch_errors() -> tuple[type[BaseException], ...]:
-    """What a candidate that does not fit this GPU raises: out of shared memory or registers at launch, a
-    compile error. Anything else (a wrong result, a CUDA fault) is a bug and propagates."""
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    """What a candidate that does not fit this GPU or this Triton raises: out of shared memory or registers at
+    launch, a front-end compile error, a ptxas failure (the errors Triton's own autotuner skips). Anything else
+    (a CUDA fault) is a bug and propagates."""
+    from triton.compiler import errors as compiler_errors
+    from triton.runtime import errors as runtime_errors
 
-    return (OutOfResources, CompilationError)
+    names = [(runtime_errors, "OutOfResources"), (runtime_errors, "PTXASError"),
+             (compiler_errors, "CompilationError"), (compiler_errors, "CompileTimeAssertionFailure")]
+    return tuple(getattr(m, n) for m, n in names if hasattr(m, n))  # PTXASError is newer than some Tritons
 
 
 def tune(key: str, candidates: list[AttnConfig], time_ms: Callable[[AttnConfig], float],
          cache: TuningCache) -> TuneResult:
     """The fastest of ``candidates`` by ``time_ms`` (milliseconds per call), or the cached choice for ``key`` if
-    it is still a candidate. candidates[0] is the heuristic default: kept unless another is MIN_GAIN faster, and
-    when no candidate can be timed."""
+    it is still a candidate. candidates[0] is the heuristic default: kept unless another is MIN_GAIN faster.
+    Candidates that cannot compile or launch here are skipped; if none can, RuntimeError says so."""
     cached = cache.get(key)
     if cached is not None and cached in candidates:
-        return TuneResult(cached, "cache", f"cached in {cache.path}")
+        return TuneResult(candidates[candidates.index(cached)], "cache", f"cached in {cache.path}")
     timings, failed = {}, []
     for cfg in candidates:
         try:
             timings[config_label(cfg)] = float(time_ms(cfg))
         except _launch_errors() as exc:
             failed.append(f"{config_label(cfg)}: {type(exc).__name__}")
-    if not timings:
-        return TuneResult(candidates[0], "default", "no candidate could run (" + "; ".join(failed) + ")")
+    if not timings:  # the default among them: launching it later would only fail further from the cause
+        raise RuntimeError(f"none of the {len(candidates)} attention tile candidates ({key.split('|')[3]}) can "
+                           f"run on this GPU with this Triton: {'; '.join(failed)}. Please report it with the "
+                           "output of 'qwen2-triton env'.")
     best = min((c for c in candidates if config_label(c) in timings), key=lambda c: timings[config_label(c)])
     default_ms = timings.get(config_label(candidates[0]))
     if default_ms is not None and timings[config_label(best)] > (1 - MIN_GAIN) * default_ms:

@@ -120,8 +120,8 @@ def test_candidates_that_do_not_fit_are_skipped(tmp_path):
     r = tune("k", CANDS, _timer(times), TuningCache(tmp_path / "t.json"))
     assert r.config == CANDS[1] and "skipped 16x64w4s2: OutOfResources" in r.detail
     none = {config_label(c): OutOfResources(1, 0, "shared memory") for c in CANDS}
-    r = tune("k2", CANDS, _timer(none), TuningCache(tmp_path / "u.json"))
-    assert r.config == CANDS[0] and r.source == "default" and "no candidate could run" in r.detail
+    with pytest.raises(RuntimeError, match="none of the 6 attention tile candidates .* OutOfResources"):
+        tune("gpu|sm_90|triton x|decode|b", CANDS, _timer(none), TuningCache(tmp_path / "u.json"))
     assert not (tmp_path / "u.json").exists()
 
 
@@ -144,6 +144,29 @@ def test_stale_or_corrupt_cache_is_tuned_again(tmp_path, capsys):
     assert "unreadable" in cache.problem and "unreadable" in capsys.readouterr().err
     assert tune("k", CANDS, _timer(times), cache).source == "tuned"
     assert json.loads(path.read_text())["k"]["config"]["BLOCK_N"] == CANDS[0].BLOCK_N  # rewritten whole
+
+
+def test_cached_entry_with_wrong_types_is_not_used(tmp_path):
+    """64.0 == 64, so a float entry would pass 'in candidates' and reach a constexpr as a float."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"k": {"config": {"BLOCK_M": 16.0, "BLOCK_N": 64.0, "num_warps": 4,
+                                                 "num_stages": 2, "dot_precision": "tf32"}}}))
+    calls = []
+    r = tune("k", CANDS, _timer({config_label(c): 1.0 for c in CANDS}, calls), TuningCache(path))
+    assert r.source == "tuned" and len(calls) == len(CANDS) and type(r.config.BLOCK_M) is int
+
+
+def test_no_home_directory_keeps_tunings_in_memory(monkeypatch, capsys):
+    monkeypatch.delenv("QWEN2_TRITON_CACHE_DIR", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(tuning.Path, "home", staticmethod(no_home))
+    cache = TuningCache()
+    assert cache.path is None and "QWEN2_TRITON_CACHE_DIR" in capsys.readouterr().err
+    times = {config_label(c): 1.0 + i for i, c in enumerate(CANDS)}
+    assert tune("k", CANDS, _timer(times), cache).source == "tuned"
+    assert tune("k", CANDS, _timer({}), cache).source == "cache"  # remembered for this process
 
 
 def test_unwritable_cache_keeps_serving(tmp_path, capsys):
@@ -170,6 +193,22 @@ def test_plan_tunes_on_a_gpu_and_reuses_the_cache(tmp_path):
     again = plan_kernels(info, torch.bfloat16, "triton", SHAPE_05B, tune_now=True,
                          cache=TuningCache(tmp_path / "t.json"), timers=boom)
     assert again.prefill.source == again.decode.source == "cache" and again.prefill.config == pre[2]
+
+
+def test_a_cached_start_builds_no_timing_data(tmp_path, monkeypatch):
+    """Random paged batches (hundreds of MB for Qwen1.5-4B) are made only when something must be timed."""
+    info = DeviceInfo.assume("sm_90")
+    cache = TuningCache(tmp_path / "t.json")
+    for kernel, key in attention_keys(info, torch.bfloat16, SHAPE_05B).items():
+        cands = (launch.prefill_candidates(64, torch.bfloat16, 90) if kernel == "prefill"
+                 else launch.decode_candidates(64, torch.bfloat16, 7, 90))
+        cache.put(key, cands[1], {config_label(cands[1]): 1.0})
+
+    def no_timers(*a, **k):
+        raise AssertionError("timing data built although the cache had the answer")
+    monkeypatch.setattr("qwen2_triton.runtime.kernel_plan.attention_timers", no_timers)
+    plan = plan_kernels(info, torch.bfloat16, "triton", SHAPE_05B, tune_now=True, cache=TuningCache(tmp_path / "t.json"))
+    assert plan.prefill.source == plan.decode.source == "cache"
 
 
 def test_plan_without_tuning_keeps_the_heuristics():
