@@ -5,7 +5,9 @@
 Per model, in one run: batch-1 decode tokens/s with CUDA graphs and eager, and the bandwidth that implies
 (bytes of weights read per token x tokens/s, as gpt-fast reports it); prefill tokens/s at 1k/4k/16k; offline
 throughput for 256 requests x (512 prompt, 512 output); and the peer, HF transformers on the same shapes (eager,
-and static cache + torch.compile), batch-1 decode. ``--tiny`` shrinks every shape to a smoke test that also
+and static cache + torch.compile), batch-1 decode. Each row also carries the ratios (graphs over eager, ours over
+each peer), decode GB/s as a fraction of the GPU's peak bandwidth (PEAK_GB_S), and the attention tiles the
+kernel plan used (tuned, cached or heuristic). ``--tiny`` shrinks every shape to a smoke test that also
 runs on CPU. Random weights decode random tokens, which is what a throughput figure needs: the work per token is
 the same as for the real checkpoint.
 """
@@ -35,6 +37,17 @@ def config_dict(name: str, tiny: bool) -> dict:
     return dict(architectures=["Qwen2ForCausalLM"], hidden_size=h, intermediate_size=i, num_hidden_layers=n,
                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
                 rope_theta=theta, max_position_embeddings=32768, rms_norm_eps=1e-6, head_dim=h // heads)
+
+
+# Peak memory bandwidth (GB/s, vendor datasheets) by a substring of torch.cuda.get_device_name: decode is
+# bandwidth bound, so achieved GB/s over this is the fraction of the hardware limit a decode step reaches.
+PEAK_GB_S = [("H200", 4800), ("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350), ("A100-SXM4-80GB", 2039),
+             ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("L40", 864), ("L4", 300), ("A10", 600),
+             ("RTX 4090", 1008), ("RTX 3090", 936)]
+
+
+def peak_gb_s(gpu_name: str) -> float | None:
+    return next((bw for key, bw in PEAK_GB_S if key in gpu_name), None)
 
 
 class _NoText:
@@ -152,7 +165,8 @@ def main(argv=None) -> int:
         kw = dict(max_model_len=20000 if not a.tiny else 2048, max_num_seqs=256 if not a.tiny else 8,
                   max_num_batched_tokens=16384 if not a.tiny else 512)
         graph = random_llm(name, dtype, device, a.tiny, **kw)
-        row = {"model": name, "tiny": a.tiny}
+        row = {"model": name, "tiny": a.tiny, "prefill_tiles": _tiles(graph.plan.prefill),
+               "decode_tiles": _tiles(graph.plan.decode)}
         row["decode_graph_tok_s"] = decode_tps(graph, a.decode_tokens, device)
         row["weights_GB"] = weight_bytes(graph) / 1e9
         row["decode_graph_GB_s"] = row["weights_GB"] * row["decode_graph_tok_s"]
@@ -170,21 +184,49 @@ def main(argv=None) -> int:
                 row["hf_compile_tok_s"] = hf_decode_tps(name, dtype, device, a.tiny, a.decode_tokens, compiled=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _ratios(row, peak_gb_s(gpu) if device.type == "cuda" else None)
         print(", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         rows.append(row)
     if a.out:
-        new = not os.path.exists(a.out)
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         meta = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
                 "triton": triton.__version__}
-        keys = list(meta) + sorted({k for r in rows for k in r})
-        with open(a.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({**meta, **{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}})
+        append_rows(a.out, [{**meta, **{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}}
+                            for r in rows])
     return 0
+
+
+def _tiles(result) -> str:
+    from qwen2_triton.runtime.tuning import config_label
+
+    return f"{config_label(result.config)} ({result.source})" if result is not None else ""
+
+
+def _ratios(row: dict, peak: float | None) -> None:
+    """The comparisons the figures are read by: graphs over eager, ours over each peer, and the fraction of the
+    GPU's memory bandwidth that batch-1 decode reaches."""
+    g = row["decode_graph_tok_s"]
+    row["graph_over_eager"] = g / row["decode_eager_tok_s"]
+    for peer in ("hf_eager", "hf_compile"):
+        if row.get(f"{peer}_tok_s"):
+            row[f"over_{peer}"] = g / row[f"{peer}_tok_s"]
+    if peak:
+        row["decode_graph_bw_fraction"] = row["decode_graph_GB_s"] / peak
+
+
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Append to a CSV, widening its header when these rows bring new columns (older rows keep blanks)."""
+    old, header = [], []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old, header = list(reader), list(reader.fieldnames or [])
+    keys = header + [k for r in rows for k in r if k not in header]
+    keys = list(dict.fromkeys(keys))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(old + rows)
 
 
 if __name__ == "__main__":

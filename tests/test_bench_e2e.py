@@ -27,3 +27,15 @@ def test_in_memory_model_keeps_its_dtype():
 
     llm = random_llm("qwen2-0.5b", torch.bfloat16, torch.device("cpu"), tiny=True, max_model_len=64)
     assert llm.dtype == torch.bfloat16 and llm.runner.kv_caches[0][0].dtype == torch.bfloat16
+
+
+def test_rows_with_new_columns_widen_the_csv(tmp_path):
+    from qwen2_triton.bench.e2e import append_rows, peak_gb_s
+
+    out = str(tmp_path / "r.csv")
+    append_rows(out, [{"date": "d1", "a": "1"}])
+    append_rows(out, [{"date": "d2", "a": "2", "b": "3"}])
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["date"], r["a"], r["b"]) for r in rows] == [("d1", "1", ""), ("d2", "2", "3")]
+    assert peak_gb_s("NVIDIA H100 80GB HBM3") == 3350 and peak_gb_s("NVIDIA H100 PCIe") == 2000
+    assert peak_gb_s("NVIDIA H200") == 4800 and peak_gb_s("some other GPU") is None
