@@ -9,7 +9,7 @@ kernels/compile_check.py, and each tested against the reference in tests/test_ke
 When: once at start-up (runtime/kernel_plan.py), after the weights load and before the KV pool is sized and the
 decode graphs are captured: a captured graph keeps the configs it was captured with.
 Key: ``<GPU name>|sm_<cap>|triton <version>|<kernel>|<shape bucket>``; the bucket names the dtype, the head
-layout and the timed shape (``SHAPES``).
+layout, the timed shape (``SHAPES``) and a hash of the kernel's source, so an edited kernel is tuned again.
 Cache: one JSON object in ``$QWEN2_TRITON_CACHE_DIR/tuning.json`` (default ~/.cache/qwen2_triton), replaced
 atomically on each write. An unreadable file is reported and starts over; a cached choice that is no longer a
 candidate (the lists in kernels/launch.py changed) is tuned again.
@@ -188,4 +188,17 @@ def attention_timers(device, dtype, n_q_heads: int, n_kv_heads: int, head_dim: i
 def shape_bucket(kernel: str, dtype, n_q_heads: int, n_kv_heads: int, head_dim: int, block_size: int) -> str:
     s = SHAPES[kernel]
     return (f"{str(dtype).replace('torch.', '')} Hq={n_q_heads} Hk={n_kv_heads} D={head_dim} page={block_size} "
-            f"B={s['batch']} q={s['q_len']} k={s['seq_len']}")
+            f"B={s['batch']} q={s['q_len']} k={s['seq_len']} src={kernel_source_hash(kernel)}")
+
+
+def kernel_source_hash(kernel: str) -> str:
+    """8 hex digits of the kernel's source files: an edited kernel is tuned again, not served an old choice."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha256()
+    for mod in ("attention_tile", f"attention_{kernel}"):
+        path = importlib.import_module(f"qwen2_triton.kernels.{mod}").__file__
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:8]

@@ -99,7 +99,9 @@ def test_other_gpu_or_triton_version_tunes_again(tmp_path):
     other_gpu = attention_keys(DeviceInfo.assume("sm_80"), torch.bfloat16, SHAPE_05B)["decode"]
     other_shape = attention_keys(info, torch.bfloat16, AttentionShape(28, 4, 128, 16))["decode"]
     other_triton = tuning.tuning_key(info.name, 90, "0.0", "decode", keys["decode"].split("|")[-1])
-    for key in (other_gpu, other_shape, other_triton):
+    assert f"src={tuning.kernel_source_hash('decode')}" in keys["decode"]
+    other_source = keys["decode"].replace(tuning.kernel_source_hash("decode"), "00000000")
+    for key in (other_gpu, other_shape, other_triton, other_source):
         calls = []
         assert tune(key, CANDS, _timer(times, calls), cache).source == "tuned" and len(calls) == len(CANDS)
 
