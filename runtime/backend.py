@@ -64,14 +64,18 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def select_ops(kernels: str, device: torch.device):
-    """The Ops object for ``kernels`` ("auto" | "triton" | "torch") on ``device``; the rule (Triton on CUDA from
-    sm_80, torch otherwise) is runtime/kernel_plan.py ``choose_kernels``."""
-    from qwen2_triton.runtime.kernel_plan import DeviceInfo, choose_kernels
-
-    name, _ = choose_kernels(kernels, DeviceInfo.of(device))
+def make_ops(name: str, device: torch.device):
+    """The Ops object for an already chosen kernel set, "triton" or "torch"."""
     if name == "torch":
         return TorchOps()
     from qwen2_triton.runtime.triton_backend import TritonOps
 
     return TritonOps(device)
+
+
+def select_ops(kernels: str, device: torch.device):
+    """The Ops object for ``kernels`` ("auto" | "triton" | "torch") on ``device``; the rule (Triton on CUDA from
+    sm_80, torch otherwise) is runtime/kernel_plan.py ``choose_kernels``."""
+    from qwen2_triton.runtime.kernel_plan import DeviceInfo, choose_kernels
+
+    return make_ops(choose_kernels(kernels, DeviceInfo.of(device))[0], device)

@@ -1,4 +1,4 @@
-"""Device and dtype resolution with errors a user can act on."""
+"""Device resolution with errors a user can act on (the dtype rule is runtime/kernel_plan.py choose_dtype)."""
 from __future__ import annotations
 
 import torch
@@ -17,9 +17,3 @@ def resolve_device(device) -> torch.device:
         raise ValueError("device='cuda' was asked for but no CUDA device is available; use device='cpu'")
     return dev
 
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """The dtype for ``device``: the rules live in runtime/kernel_plan.py ``choose_dtype``."""
-    from qwen2_triton.runtime.kernel_plan import DeviceInfo, choose_dtype
-
-    return choose_dtype(dtype, DeviceInfo.of(device))[0]

@@ -37,8 +37,7 @@ def describe_shapes(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningC
     for name, hidden, inter, heads, kv, hd in shapes:
         shape = AttentionShape(heads, kv, hd, BLOCK_SIZE)
         plan = plan_kernels(info, dtype, "triton", shape, tune_now=tune_now, cache=cache, device=device)
-        candidates = {"prefill": launch.prefill_candidates(hd, dtype, info.capability),
-                      "decode": launch.decode_candidates(hd, dtype, heads // kv, info.capability)}
+        candidates = plan.candidates
         tiles = []
         for kernel, key in attention_keys(info, dtype, shape).items():
             result = getattr(plan, kernel)

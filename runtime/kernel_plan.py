@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen2_triton.kernels import launch
+from qwen2_triton.kernels.launch import AttnConfig
 from qwen2_triton.runtime.tuning import TuneResult, TuningCache, attention_timers, config_label, shape_bucket, \
     tune, tuning_key
 
@@ -143,6 +144,7 @@ class KernelPlan:
     reasons: list[str]
     prefill: TuneResult | None = None  # attention tiles; None with the torch backend
     decode: TuneResult | None = None
+    candidates: dict[str, list[AttnConfig]] | None = None  # per kernel, what could be (or was) timed
 
     def describe(self) -> list[str]:
         lines = [self.device.describe(), *self.reasons]
@@ -164,7 +166,7 @@ def plan_kernels(info: DeviceInfo, dtype: torch.dtype, kernels: str, shape: Atte
     if kernels != "triton":
         return plan
     group = shape.n_q_heads // shape.n_kv_heads
-    candidates = {"prefill": launch.prefill_candidates(shape.head_dim, dtype, info.capability),
+    plan.candidates = candidates = {"prefill": launch.prefill_candidates(shape.head_dim, dtype, info.capability),
                   "decode": launch.decode_candidates(shape.head_dim, dtype, group, info.capability)}
     if not tune_now or info.type != "cuda" or dtype == torch.float32:
         why = ("tuning off" if not tune_now else "no GPU to time on" if info.type != "cuda" else

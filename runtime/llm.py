@@ -11,7 +11,7 @@ import torch
 
 from qwen2_triton.model.loader import LoadedModel, load_model
 from qwen2_triton.model.tokenizer import IncrementalDetokenizer
-from qwen2_triton.runtime.backend import select_ops
+from qwen2_triton.runtime.backend import make_ops
 from qwen2_triton.runtime.block_manager import BlockManager
 from qwen2_triton.runtime.device import resolve_device
 from qwen2_triton.runtime.kernel_plan import AttentionShape, DeviceInfo, choose_dtype, choose_kernels, plan_kernels
@@ -77,7 +77,8 @@ class LLM:
             self.device = resolve_device(device)
             info = DeviceInfo.of(self.device)
             self.dtype, why_dtype = choose_dtype(dtype, info)
-            reasons = [why_dtype, choose_kernels(kernels, info)[1]]
+            kernel_set, why_kernels = choose_kernels(kernels, info)
+            reasons = [why_dtype, why_kernels]
         if model is None:
             from qwen2_triton.model.demo import demo_model_path
 
@@ -85,7 +86,7 @@ class LLM:
         if isinstance(model, LoadedModel):  # already built (random weights for benchmarks)
             loaded, self.ops = model, model.model.ops
         else:
-            self.ops = select_ops(kernels, self.device)
+            self.ops = make_ops(kernel_set, self.device)
             loaded = load_model(model, self.dtype, self.device, self.ops, progress=progress)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids

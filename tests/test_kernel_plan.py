@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from qwen2_triton.kernels import launch
-from qwen2_triton.kernels.launch import AttnConfig
 from qwen2_triton.runtime import tuning
 from qwen2_triton.runtime.kernel_plan import AttentionShape, DeviceInfo, attention_keys, choose_dtype, \
     choose_kernels, plan_kernels
