@@ -87,23 +87,37 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device) -> float:
+def timed(fn, device, repeats: int = 1) -> float:
+    """Seconds of the fastest of ``repeats`` runs after one warm-up."""
     fn()  # warm-up
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def decode_rate(n_tokens: int, one: float, many: float) -> float:
+    """Tokens/s of the decode steps alone: a run of n_tokens + 1 tokens minus a run of 1 (the prefill and
+    set-up). A difference of two timings: each is a best of 3, and a non-positive difference (noise larger than
+    the decode work) is an error rather than a figure."""
+    if many <= one:
+        raise RuntimeError(f"decode timing unusable: {n_tokens + 1} tokens took {many:.4f} s, 1 token {one:.4f} s; "
+                           "raise --decode-tokens or run on a quiet machine")
+    return n_tokens / (many - one)
 
 
 def decode_tps(llm, n_tokens: int, device) -> float:
     from qwen2_triton import SamplingParams
 
     ids = list(range(1, 65))
-    one = timed(lambda: llm.generate(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)), device)
+    one = timed(lambda: llm.generate(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)), device, 3)
     many = timed(lambda: llm.generate(ids, SamplingParams(max_tokens=n_tokens + 1, temperature=0,
-                                                          ignore_eos=True)), device)
-    return n_tokens / (many - one)
+                                                          ignore_eos=True)), device, 3)
+    return decode_rate(n_tokens, one, many)
 
 
 def prefill_tps(llm, n: int, device) -> float:
@@ -137,8 +151,8 @@ def hf_decode_tps(name: str, dtype, device, tiny: bool, n_tokens: int, compiled:
         return lambda: model.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
 
     with torch.no_grad():
-        one, many = timed(run(1), device), timed(run(n_tokens + 1), device)
-    return n_tokens / (many - one)
+        one, many = timed(run(1), device, 3), timed(run(n_tokens + 1), device, 3)
+    return decode_rate(n_tokens, one, many)
 
 
 def main(argv=None) -> int:

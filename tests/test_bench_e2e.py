@@ -39,3 +39,13 @@ def test_rows_with_new_columns_widen_the_csv(tmp_path):
     assert [(r["date"], r["a"], r["b"]) for r in rows] == [("d1", "1", ""), ("d2", "2", "3")]
     assert peak_gb_s("NVIDIA H100 80GB HBM3") == 3350 and peak_gb_s("NVIDIA H100 PCIe") == 2000
     assert peak_gb_s("NVIDIA H200") == 4800 and peak_gb_s("some other GPU") is None
+
+
+def test_decode_rate_refuses_a_noise_dominated_difference():
+    import pytest
+
+    from qwen2_triton.bench.e2e import decode_rate
+
+    assert decode_rate(8, 0.5, 1.3) == 10.0
+    with pytest.raises(RuntimeError, match="decode timing unusable"):
+        decode_rate(8, 0.5, 0.49)
