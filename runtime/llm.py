@@ -48,7 +48,7 @@ class LLM:
         tune: on a GPU, time the attention tile candidates for this model once at start-up (a few seconds) and
             keep the choice in the tuning cache, so later starts on the same GPU and Triton reuse it; False keeps
             kernels/launch.py's heuristics. ``llm.plan.describe()`` says what was chosen and why.
-        tuning_cache: path of the tuning cache file (default $QWEN2_TRITON_CACHE_DIR or
+        tuning_cache: path of the tuning cache file (default $QWEN2_TRITON_CACHE or
             ~/.cache/qwen2_triton, file tuning.json).
     """
 

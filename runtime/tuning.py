@@ -10,7 +10,7 @@ When: once at start-up (runtime/kernel_plan.py), after the weights load and befo
 decode graphs are captured: a captured graph keeps the configs it was captured with.
 Key: ``<GPU name>|sm_<cap>|triton <version>|<kernel>|<shape bucket>``; the bucket names the dtype, the head
 layout, the timed shape (``SHAPES``) and a hash of the kernel's source, so an edited kernel is tuned again.
-Cache: one JSON object in ``$QWEN2_TRITON_CACHE_DIR/tuning.json`` (default ~/.cache/qwen2_triton), replaced
+Cache: one JSON object in ``$QWEN2_TRITON_CACHE/tuning.json`` (default ~/.cache/qwen2_triton), replaced
 atomically on each write. An unreadable file is reported and starts over; a cached choice that is no longer a
 candidate (the lists in kernels/launch.py changed) is tuned again.
 """
@@ -36,14 +36,14 @@ MIN_GAIN = 0.03
 
 
 def default_cache_path() -> Path | None:
-    """$QWEN2_TRITON_CACHE_DIR/tuning.json, else ~/.cache/qwen2_triton/tuning.json; None without a home."""
-    root = os.environ.get("QWEN2_TRITON_CACHE_DIR")
-    if not root:
-        try:
-            root = os.path.join(Path.home(), ".cache", "qwen2_triton")
-        except RuntimeError:  # no HOME and no passwd entry (some containers)
-            return None
-    return Path(root) / "tuning.json"
+    """tuning.json in the project's cache folder (model/demo.py ``cache_dir``: $QWEN2_TRITON_CACHE, else
+    ~/.cache/qwen2_triton), beside the assembled demo model; None without a home directory."""
+    from qwen2_triton.model.demo import cache_dir
+
+    try:
+        return cache_dir() / "tuning.json"
+    except RuntimeError:  # no HOME and no passwd entry (some containers)
+        return None
 
 
 def tuning_key(gpu_name: str, capability: int, triton_version: str, kernel: str, bucket: str) -> str:
@@ -65,7 +65,7 @@ class TuningCache:
         self.entries: dict[str, dict] = {}
         self.problem = ""  # why an existing file was not used, for the start-up report
         if self.path is None:
-            self.problem = "no home directory for the tuning cache; set QWEN2_TRITON_CACHE_DIR to keep tunings"
+            self.problem = "no home directory for the tuning cache; set QWEN2_TRITON_CACHE to keep tunings"
             print(f"qwen2-triton: {self.problem}", file=sys.stderr)
             return
         try:

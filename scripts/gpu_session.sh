@@ -23,7 +23,7 @@ for d in kernels model runtime bench; do ln -s "$PWD/$d" "/tmp/ns/qwen2_triton/$
 export PYTHONPATH="/tmp/ns:$PYTHONPATH"
 [ -d .gpu/tokenizer ] && export QWEN2_TRITON_TOKENIZER_DIR="$PWD/.gpu/tokenizer"
 # The tuning cache comes back with the results: which attention tiles won on this GPU, with every timing.
-export QWEN2_TRITON_CACHE_DIR="$OUT/qwen2_triton_cache"
+export QWEN2_TRITON_CACHE="$OUT/qwen2_triton_cache"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m qwen2_triton.cli env --tune 2>&1 | tee "$OUT/env.log"  # tunes the seed shapes once, for all below

@@ -158,13 +158,13 @@ def test_cached_entry_with_wrong_types_is_not_used(tmp_path):
 
 
 def test_no_home_directory_keeps_tunings_in_memory(monkeypatch, capsys):
-    monkeypatch.delenv("QWEN2_TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("QWEN2_TRITON_CACHE", raising=False)
 
     def no_home():
         raise RuntimeError("Could not determine home directory.")
     monkeypatch.setattr(tuning.Path, "home", staticmethod(no_home))
     cache = TuningCache()
-    assert cache.path is None and "QWEN2_TRITON_CACHE_DIR" in capsys.readouterr().err
+    assert cache.path is None and "QWEN2_TRITON_CACHE" in capsys.readouterr().err
     times = {config_label(c): 1.0 + i for i, c in enumerate(CANDS)}
     assert tune("k", CANDS, _timer(times), cache).source == "tuned"
     assert tune("k", CANDS, _timer({}), cache).source == "cache"  # remembered for this process
