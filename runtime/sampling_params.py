@@ -32,6 +32,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for each prompt token (plus the prompt token itself)
     skip_special_tokens: bool = True
 
+    def __post_init__(self):
+        # Checked at construction, so a typo fails before a model is loaded or a request is queued; the fields
+        # left unset (None) are checked again once resolved() has filled them.
+        if isinstance(self.stop, (str, tuple)):
+            self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        self.validate(allow_unset=True)
+
     def resolved(self, defaults: dict) -> "SamplingParams":
         """A copy with unset fields filled from ``defaults`` (generation_config) then NEUTRAL, validated."""
         values = {}
@@ -39,29 +46,26 @@ class SamplingParams:
             v = getattr(self, k)
             values[k] = v if v is not None else defaults.get(k, neutral)
         out = replace(self, **values)
-        if isinstance(out.stop, str):
-            out.stop = [out.stop]
-        elif isinstance(out.stop, tuple):
-            out.stop = list(out.stop)
         out.validate()
         return out
 
-    def validate(self) -> None:
+    def validate(self, allow_unset: bool = False) -> None:
+        """Raise ValueError naming the first bad field. ``allow_unset``: the fields of NEUTRAL may still be None."""
         def bad(name, why):
             raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
 
-        if not _int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
-        if not _finite(self.temperature) or self.temperature < 0:
-            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
-        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not _int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
-            bad("top_k", "must be -1 (off) or an integer >= 1")
-        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        def check(name, ok, why):
+            if getattr(self, name) is None and allow_unset:
+                return
+            if getattr(self, name) is None or not ok(getattr(self, name)):
+                bad(name, why)
+
+        check("max_tokens", lambda v: _int(v) and v >= 1, "must be an integer >= 1")
+        check("temperature", lambda v: _finite(v) and v >= 0, "must be a finite number >= 0 (0 = greedy)")
+        check("top_p", lambda v: _finite(v) and 0 < v <= 1, "must be in (0, 1]")
+        check("top_k", lambda v: _int(v) and (v >= 1 or v == -1), "must be -1 (off) or an integer >= 1")
+        check("min_p", lambda v: _finite(v) and 0 <= v <= 1, "must be in [0, 1]")
+        check("repetition_penalty", lambda v: _finite(v) and v > 0, "must be a finite number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not _finite(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 bad(name, "must be in [-2, 2]")
