@@ -50,8 +50,20 @@ def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> t
     key = _mix32((seeds & MASK32) ^ _mix32((steps * 0x9E3779B1) & MASK32))  # (B,)
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     x = _mix32((key[:, None] + tok[None, :] * 0x85EBCA6B) & MASK32)
-    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
-    return -torch.log(u)
+    return bits_to_exponential(x)
+
+
+# Largest float32 below 1. (k + 0.5) / 2^24 for the top 24-bit k rounds to exactly 1.0 in float32 (k + 0.5 needs
+# 25 bits), and -log(1) = -0.0 made a filtered token's 0 / -0.0 = NaN win the argmax (issue 8: ~1% of draws
+# over a 152k vocabulary came from outside top-k/top-p). Clamping keeps every other draw bit-identical.
+_U_MAX = 1.0 - 2.0 ** -24
+
+
+def bits_to_exponential(x: torch.Tensor) -> torch.Tensor:
+    """32-bit hash values (int64 holding [0, 2^32)) -> float32 Exp(1) draws in [6e-8, 17.4]: never 0, never inf,
+    so p / E is finite for every p in [0, 1] and exactly 0 for a filtered token."""
+    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in [2^-25, 1]
+    return -torch.log(u.clamp_(max=_U_MAX))
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

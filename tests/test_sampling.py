@@ -8,7 +8,8 @@ import torch
 
 from checkpoints import make_checkpoint
 from qwen2_triton import LLM, SamplingParams
-from qwen2_triton.runtime.sampler import SamplingTensors, apply_penalties, exponential_noise, filter_logits
+from qwen2_triton.runtime.sampler import (SamplingTensors, apply_penalties, bits_to_exponential, exponential_noise,
+                                         filter_logits, sample)
 
 
 def tensors(B, **kw):
@@ -93,6 +94,53 @@ def test_noise_is_exponential_and_depends_only_on_seed_and_step():
     assert torch.equal(e[0], e[1]) and not torch.equal(e[0], e[2])
     assert abs(e[0].mean().item() - 1) < 0.02 and abs(e[0].var().item() - 1) < 0.05
     assert (e > 0).all() and torch.isfinite(e).all()
+
+
+def test_noise_extremes_exhaustive():
+    """Every 24-bit value the hash's top bits can take (the low 8 bits are dropped) maps to a finite E > 0: a draw
+    of 0 made a filtered token's 0 / 0 a NaN that won the argmax (issue 8)."""
+    k = torch.arange(1 << 24, dtype=torch.int64)
+    for low in (0, 255):  # the dropped bits, both extremes
+        e = bits_to_exponential((k << 8) | low)
+        assert torch.isfinite(e).all() and (e > 0).all(), f"low bits {low}: E = {e[~(torch.isfinite(e) & (e > 0))][:4]}"
+    # monotone: a larger uniform gives a smaller draw (ties only where float32 rounds two neighbours together)
+    assert (e[1:] <= e[:-1]).all()
+    assert torch.equal(bits_to_exponential(torch.tensor([0, (1 << 32) - 1])), e[[0, -1]])
+
+
+def support_violations(logits, tokens, temperature, top_k, top_p, min_p):
+    """Rows whose sampled token lies outside the top-k -> top-p -> min-p support, checked in float64 per token:
+    rank within top-k; the probability mass (renormalised over the top-k) of strictly better tokens < top_p; the
+    token's probability >= min_p x the best one's."""
+    x = logits.double() / temperature[:, None].double()
+    mine = x.gather(-1, tokens[:, None])
+    rank = (x > mine).sum(-1)
+    kth = x.topk(int(top_k.max()), dim=-1).values.gather(-1, (top_k - 1)[:, None])
+    p = torch.where(x >= kth, x, torch.tensor(float("-inf"), dtype=x.dtype)).softmax(-1)
+    above = torch.where(x > mine, p, torch.zeros_like(p)).sum(-1)
+    p_tok = p.gather(-1, tokens[:, None]).squeeze(-1)
+    # 1e-6: float32 (the sampler) and float64 (this check) may disagree on a token sitting on the top-p edge;
+    # an out-of-support draw from the bug sits at a random rank of 152k, far from any edge.
+    bad = (rank >= top_k) | (above >= top_p.double() + 1e-6) | (p_tok < min_p.double() * p.max(-1).values - 1e-6)
+    return torch.nonzero(bad).flatten().tolist()
+
+
+def test_every_draw_lies_in_the_support_over_many_seeds():
+    """1,024 draws over the real 152,064-row vocabulary (the bug hit ~1% of them), 256 seeds x 4 steps, with
+    top-k, top-p and min-p settings that leave small supports."""
+    V, B = 152064, 256
+    g = torch.Generator().manual_seed(0)
+    settings = dict(temperature=torch.tensor([0.7, 1.0, 1.3, 0.5]).repeat(B // 4),
+                    top_k=torch.tensor([20, 5, 50, V]).repeat(B // 4),
+                    top_p=torch.tensor([0.8, 1.0, 0.9, 0.5]).repeat(B // 4),
+                    min_p=torch.tensor([0.0, 0.0, 0.05, 0.1]).repeat(B // 4))
+    for step in range(4):
+        logits = torch.randn(B, V, generator=g) * 4
+        t = tensors(B, seeds=torch.arange(B, dtype=torch.int64) * 7919 + step, steps=torch.full((B,), step),
+                    **settings)
+        tokens = sample(logits, t)
+        bad = support_violations(logits, tokens, **settings)
+        assert not bad, f"step {step}: rows {bad[:8]} sampled outside their support"
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +308,24 @@ def test_generation_config_top_k_zero_means_off_and_default_max_tokens_fits_the_
     assert llm.generation_defaults["top_k"] == -1
     out = llm.generate("hi", SamplingParams(ignore_eos=True))[0]  # 2048 unset-by-caller -> what the pool holds
     assert len(out.token_ids) == 64 - len(out.prompt_token_ids)
+
+
+def test_generated_tokens_lie_in_the_support(llm):
+    """End to end, raw logits (no penalties): each sampled token's log-prob and the top-20 returned beside it show
+    it is inside top-k 20 -> top-p 0.8 -> min-p 0.05 at temperature 0.7, over 512 draws and 16 seeds."""
+    T, K, P, MIN_P = 0.7, 20, 0.8, 0.05
+    sps = [SamplingParams(max_tokens=32, temperature=T, top_k=K, top_p=P, min_p=MIN_P, seed=s, logprobs=K,
+                          ignore_eos=True) for s in range(16)]
+    outs = llm.generate([f"Item {i}: the" for i in range(16)], sps)
+    draws = 0
+    for o in outs:
+        for tok, d in zip(o.token_ids, o.logprobs):
+            draws += 1
+            top = sorted(d.items(), key=lambda kv: -kv[1])[:K]  # the K best (d may also hold the sampled token)
+            assert tok in dict(top), f"token {tok} (log-prob {d[tok]:.2f}) is outside the top-{K}"
+            w = {i: math.exp(lp / T) for i, lp in top}  # top-k renormalised, at temperature T
+            z = sum(w.values())
+            above = sum(v for i, v in w.items() if d[i] > d[tok]) / z
+            assert above < P + 1e-6, f"token {tok}: {above:.4f} of the mass ranks above it (top_p {P})"
+            assert w[tok] >= MIN_P * max(w.values()) - 1e-9
+    assert draws == 16 * 32
