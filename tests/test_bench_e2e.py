@@ -16,8 +16,13 @@ def test_tiny_run_writes_a_row(tmp_path):
     assert main(["--tiny", "--models", "qwen2-1.5b", "--decode-tokens", "8", "--prefill", "64", "--out",
                  str(out)]) == 0
     (row,) = list(csv.DictReader(out.open()))
-    assert row["model"] == "qwen2-1.5b" and float(row["decode_graph_tok_s"]) > 0 and float(row["hf_eager_tok_s"]) > 0
-    assert row["gpu"] and row["torch"] and row["triton"] and row["date"]
+    # The plumbing, not the timings: on a busy CPU a 9-token difference of timings can be noise (then nan).
+    assert row["model"] == "qwen2-1.5b" and row["gpu"] and row["torch"] and row["triton"] and row["date"]
+    for col in ("decode_graph_tok_s", "decode_eager_tok_s", "hf_eager_tok_s", "prefill_64_tok_s",
+                "offline_out_tok_s", "graph_over_eager", "over_hf_eager"):
+        value = float(row[col])  # a number or nan, never missing
+        assert value > 0 or value != value, (col, row[col])
+    assert float(row["weights_GB"]) >= 0  # tiny shapes: well under the 0.01 GB the CSV rounds to
 
 
 def test_in_memory_model_keeps_its_dtype():
@@ -41,11 +46,11 @@ def test_rows_with_new_columns_widen_the_csv(tmp_path):
     assert peak_gb_s("NVIDIA H200") == 4800 and peak_gb_s("some other GPU") is None
 
 
-def test_decode_rate_refuses_a_noise_dominated_difference():
-    import pytest
+def test_decode_rate_reports_a_noise_dominated_difference_as_nan(caplog):
+    import math
 
     from qwen2_triton.bench.e2e import decode_rate
 
     assert decode_rate(8, 0.5, 1.3) == 10.0
-    with pytest.raises(RuntimeError, match="decode timing unusable"):
-        decode_rate(8, 0.5, 0.49)
+    assert math.isnan(decode_rate(8, 0.5, 0.49))
+    assert "decode timing unusable" in caplog.text
