@@ -4,7 +4,8 @@ Owns the paged KV cache: one (num_blocks, block_size, Hk, D) tensor each for key
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +16,8 @@ from qwen2_triton.runtime.decode_graphs import DecodeGraphs
 from qwen2_triton.runtime.sampler import SamplingTensors, sample, top_logprobs
 from qwen2_triton.runtime.scheduler import Chunk
 from qwen2_triton.runtime.token_history import TokenHistory
+
+log = logging.getLogger(__name__)
 
 
 def allocate_kv(model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
@@ -59,6 +62,21 @@ def profile_step_memory(model: Qwen2Model, num_tokens: int, block_size: int, kv_
 
 
 @dataclass
+class StepInputs:
+    """A step's flattened tokens (host lists) and the rows whose logits are needed, with what they are for."""
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    cu: list[int] = field(default_factory=lambda: [0])
+    lens: list[int] = field(default_factory=list)
+    logit_rows: list[int] = field(default_factory=list)
+    row_of: list[tuple] = field(default_factory=list)  # ("sample", seq, None) | ("prompt", seq, prompt index)
+    max_q: int = 0
+    max_k: int = 0
+    width: int = 0  # longest block table
+
+
+@dataclass
 class StepResult:
     tokens: dict[int, int]  # seq_id -> sampled token
     logprobs: dict[int, dict[int, float]]  # seq_id -> {token: logprob} for rows that asked
@@ -87,54 +105,60 @@ class ModelRunner:
             self.decode_graphs.forget(seq.seq_id)
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
-        dev = self.device
-        ids, pos, slots, cu, lens = [], [], [], [0], []
-        logit_rows, row_of = [], []  # rows whose logits we need and what they are for
-        max_q = max_k = 0
+        """Prepare the step's inputs, run the model (a captured decode graph when one fits) and sample."""
+        step = self._prepare(chunks, blocks)
+        with self.model.ops.step_context():
+            logits = self._execute(chunks, step)
+            return self._sample(logits, step.row_of)
+
+    def _prepare(self, chunks: list[Chunk], blocks: BlockManager) -> "StepInputs":
+        s = StepInputs()
         for c in chunks:
             seq = c.seq
-            base = len(ids)
-            ids.extend(seq.token_slice(c.start, c.start + c.length))
-            pos.extend(range(c.start, c.start + c.length))
-            slots.extend(blocks.slot(seq, p) for p in range(c.start, c.start + c.length))
-            cu.append(len(ids))
-            lens.append(c.start + c.length)
-            max_q, max_k = max(max_q, c.length), max(max_k, c.start + c.length)
+            base = len(s.ids)
+            s.ids.extend(seq.token_slice(c.start, c.start + c.length))
+            s.pos.extend(range(c.start, c.start + c.length))
+            s.slots.extend(blocks.slot(seq, p) for p in range(c.start, c.start + c.length))
+            s.cu.append(len(s.ids))
+            s.lens.append(c.start + c.length)
+            s.max_q, s.max_k = max(s.max_q, c.length), max(s.max_k, c.start + c.length)
             if seq.params.prompt_logprobs is not None:
-                # logits at position p score token p+1; only prompt positions not yet scored
-                nxt = len(seq.prompt_logprobs)  # prompt index to score next ([None] holds index 0)
-                for p in range(max(c.start, nxt - 1), min(c.start + c.length, len(seq.prompt_ids) - 1)):
-                    logit_rows.append(base + p - c.start)
-                    row_of.append(("prompt", seq, p + 1))
+                # logits at position p score token p+1; only prompt positions not yet scored (a preempted
+                # sequence recomputes its prompt but must not report it twice)
+                for p in range(max(c.start, seq.num_prompt_scored - 1), min(c.start + c.length, len(seq.prompt_ids) - 1)):
+                    s.logit_rows.append(base + p - c.start)
+                    s.row_of.append(("prompt", seq, p + 1))
             if c.samples:
-                logit_rows.append(base + c.length - 1)
-                row_of.append(("sample", seq, None))
-        width = max(len(c.seq.block_table) for c in chunks)
-        graphs = self.decode_graphs
-        with self.model.ops.step_context():
-            pure_decode = max_q == 1 and len(row_of) == len(chunks)  # one token per sequence, each sampled
-            if graphs is not None and pure_decode and graphs.fits(len(chunks), width):
-                logits = graphs.run(ids, pos, slots, lens, [c.seq.block_table for c in chunks],
-                                    [c.seq.seq_id for c in chunks])
-            else:
-                self.eager_steps += 1
-                self.eager_decode_fallbacks += graphs is not None and pure_decode
-                tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
-                meta = AttentionMetadata(
-                    cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-                    seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-                    block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-                    slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                    max_seqlen_q=max_q, max_seqlen_k=max_k,
-                )
-                # Always run the model, even when no row needs logits (a prefill chunk that does not reach the
-                # end of its prompt): its keys and values must land in the cache.
-                logits = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
-                                            torch.tensor(pos, dtype=torch.int64, device=dev), meta, self.kv_caches,
-                                            torch.tensor(logit_rows, dtype=torch.int64, device=dev))
-            for c in chunks:
-                c.seq.num_computed = c.start + c.length
-            return self._sample(logits, row_of)
+                s.logit_rows.append(base + c.length - 1)
+                s.row_of.append(("sample", seq, None))
+        s.width = max(len(c.seq.block_table) for c in chunks)
+        return s
+
+    def _execute(self, chunks: list[Chunk], s: "StepInputs") -> torch.Tensor:
+        dev, graphs = self.device, self.decode_graphs
+        pure_decode = s.max_q == 1 and len(s.row_of) == len(chunks)  # one token per sequence, each sampled
+        if graphs is not None and pure_decode and graphs.fits(len(chunks), s.width):
+            return graphs.run(s.ids, s.pos, s.slots, s.lens, [c.seq.block_table for c in chunks],
+                              [c.seq.seq_id for c in chunks])
+        self.eager_steps += 1
+        if graphs is not None and pure_decode:
+            if not self.eager_decode_fallbacks:
+                log.warning("a decode step ran without its CUDA graph (no graph fits the batch or context); "
+                            "stats()['eager_decode_fallbacks'] counts them")
+            self.eager_decode_fallbacks += 1
+        tables = [c.seq.block_table + [0] * (s.width - len(c.seq.block_table)) for c in chunks]
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(s.cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(s.lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(s.slots, dtype=torch.int64, device=dev),
+            max_seqlen_q=s.max_q, max_seqlen_k=s.max_k,
+        )
+        # Always run the model, even when no row needs logits (a prefill chunk that does not reach the end of
+        # its prompt): its keys and values must land in the cache.
+        return self.model.forward(torch.tensor(s.ids, dtype=torch.int64, device=dev),
+                                  torch.tensor(s.pos, dtype=torch.int64, device=dev), meta, self.kv_caches,
+                                  torch.tensor(s.logit_rows, dtype=torch.int64, device=dev))
 
     def _sample(self, logits: torch.Tensor, row_of: list) -> StepResult:
         result = StepResult({}, {}, {})

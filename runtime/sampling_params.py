@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k alternatives per generated token (plus the sampled one)
     prompt_logprobs: int | None = None  # same for each prompt token (plus the prompt token itself)
     skip_special_tokens: bool = True
+    n: int = 1  # completions of the prompt; completion 0 of a seeded request equals the n=1 result
 
     def __post_init__(self):
         # Checked at construction, so a typo fails before a model is loaded or a request is queued; the fields
@@ -73,6 +74,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not _int(v) or v < 0):
                 bad(name, "must be None or an integer >= 0")
+        if not _int(self.n) or self.n < 1:
+            bad("n", "must be an integer >= 1")
         if self.seed is not None and not _int(self.seed):
             bad("seed", "must be an integer")
         if self.stop is not None and (not isinstance(self.stop, list) or

@@ -5,6 +5,11 @@ token; an unfinished prefill continues with its next chunk), then waiting ones a
 ``max_num_seqs`` and free KV blocks allow. When a running sequence cannot get the block it needs, the most
 recently admitted one is preempted: its blocks are freed and it is recomputed later (prompt + output so far).
 A request that could never fit in the whole pool is rejected before it is queued, so nothing waits forever.
+
+After the model ran, ``update_from_output`` applies the step to the sequences (new tokens, prompt log-probs),
+checks the token-level stops (eos ids, stop_token_ids, max_tokens) and returns one immutable EngineCoreOutput
+per request that advanced. Aborts free a request's blocks between steps. Stop strings are text, so they are
+decided by the output processor, which aborts the request here.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from qwen2_triton.runtime.block_manager import BlockManager
+from qwen2_triton.runtime.request import EngineCoreOutput
 from qwen2_triton.runtime.sequence import Sequence, Status
 
 
@@ -29,8 +35,10 @@ class Chunk:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 on_release=lambda seq: None):
+                 on_release=lambda seq: None, eos_token_ids: tuple[int, ...] = ()):
         self.blocks = blocks
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.requests: dict[str, Sequence] = {}  # unfinished requests by id
         self.on_release = on_release  # told when a sequence leaves the running set (per-sequence device state)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -39,7 +47,18 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
         self.waiting.append(seq)
+
+    def abort(self, request_ids) -> None:
+        """Finish these requests now, freeing their blocks (unknown or finished ids are ignored). Called between
+        steps by the thread that steps the engine, so 'now' is the next step boundary."""
+        for rid in request_ids:
+            seq = self.requests.get(rid)
+            if seq is not None:
+                self.finish(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -87,7 +106,43 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.blocks.release(seq)
-        self.on_release(seq)
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.blocks.release(seq)
+            self.on_release(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        self.requests.pop(seq.request_id, None)
+
+    def update_from_output(self, chunks: list[Chunk], result) -> list[EngineCoreOutput]:
+        """Apply a step's results (runtime/model_runner.StepResult) and return what each request gained."""
+        outputs = []
+        for c in chunks:
+            seq = c.seq
+            seq.num_computed = c.start + c.length
+            prompt_lps = result.prompt_logprobs.get(seq.seq_id)
+            if prompt_lps:
+                seq.num_prompt_scored += len(prompt_lps)
+            token = result.tokens.get(seq.seq_id)
+            if token is None:
+                if prompt_lps:
+                    outputs.append(EngineCoreOutput(seq.request_id, new_prompt_logprobs=tuple(prompt_lps)))
+                continue
+            seq.output_ids.append(token)
+            finish, stop = self._check_stop(seq, token)
+            lp = result.logprobs.get(seq.seq_id)
+            outputs.append(EngineCoreOutput(
+                seq.request_id, (token,), (lp,) if seq.params.logprobs is not None else None,
+                tuple(prompt_lps) if prompt_lps else None, finish, stop))
+            if finish is not None:
+                self.finish(seq)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        sp = seq.params
+        if (not sp.ignore_eos and token in self.eos_token_ids) or (sp.stop_token_ids and token in sp.stop_token_ids):
+            return "stop", token
+        if len(seq.output_ids) >= sp.max_tokens:
+            return "length", None
+        return None, None

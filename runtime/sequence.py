@@ -1,4 +1,4 @@
-"""One request's state as it moves through the scheduler: tokens, KV blocks, detokenizer, results."""
+"""One request's state inside the engine core as it moves through the scheduler: token ids and KV blocks."""
 from __future__ import annotations
 
 import enum
@@ -15,21 +15,17 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
-    seq_id: int
+    """The engine core's state of one request (the text side lives in runtime/output_processor.py)."""
+    seq_id: int  # the core's own key (decode-graph rows, penalty rows)
+    request_id: str
     prompt_ids: list[int]
     params: SamplingParams  # resolved and validated
     seed: int  # 32-bit seed for the sampler's noise (the request's seed, or a random one)
-    prompt: str | None = None
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
-    text: str = ""
-    detok: object = None  # model.tokenizer.IncrementalDetokenizer
-    logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+    num_prompt_scored: int = 1  # prompt positions whose log-probs were produced (position 0 has none)
     num_preemptions: int = 0
 
     @property

