@@ -17,6 +17,7 @@ import torch
 from qwen2_triton.kernels.rotary import default_inv_freq, yarn_attention_factor, yarn_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_MODEL_TYPE = "qwen2"  # Qwen2, Qwen2.5 and Qwen1.5 checkpoints all say "qwen2"
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,13 @@ class Qwen2Config:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "Qwen2Config":
         archs = raw.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise ValueError(f"{source}: unsupported architecture {archs or raw.get('model_type')!r}; "
-                             f"qwen2-triton runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        runs = f"qwen2-triton runs {', '.join(SUPPORTED_ARCHITECTURES)} (model_type {SUPPORTED_MODEL_TYPE!r})"
+        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ValueError(f"{source}: unsupported architecture {archs!r}; {runs}")
+        # Recent transformers may leave `architectures` out of a saved config; model_type then names the family.
+        if not archs and raw.get("model_type") != SUPPORTED_MODEL_TYPE:
+            raise ValueError(f"{source}: unsupported model_type {raw.get('model_type')!r} (and no 'architectures' "
+                             f"field); {runs}")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in raw]
         if missing:

@@ -55,6 +55,7 @@ def test_yarn_matches_transformers_and_explicit_attention_factor_wins():
 
 @pytest.mark.parametrize("edit,message", [
     ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
+    ({"architectures": ["Qwen2ForSequenceClassification"], "model_type": "qwen2"}, "unsupported architecture"),
     ({"num_attention_heads": 15}, "not divisible by num_attention_heads"),
     ({"num_key_value_heads": 3}, "not divisible by num_key_value_heads"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "unsupported rope scaling type 'dynamic'"),
@@ -70,3 +71,18 @@ def test_missing_field_is_named():
     del raw["intermediate_size"]
     with pytest.raises(ValueError, match="intermediate_size"):
         Qwen2Config.from_dict(raw)
+
+
+def test_model_type_qwen2_stands_in_for_missing_architectures():
+    """Recent transformers can write a config.json without `architectures`; model_type then names the family."""
+    raw = {k: v for k, v in BASE.items() if k != "architectures"}
+    cfg = Qwen2Config.from_dict({**raw, "model_type": "qwen2", "rope_theta": 1e6})
+    assert cfg == Qwen2Config.from_dict({**BASE, "rope_theta": 1e6})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", None])
+def test_without_architectures_other_model_types_are_refused(model_type):
+    raw = {k: v for k, v in BASE.items() if k != "architectures"}
+    with pytest.raises(ValueError, match=rf"unsupported model_type {model_type!r} \(and no 'architectures' field\); "
+                                         r"qwen2-triton runs Qwen2ForCausalLM \(model_type 'qwen2'\)"):
+        Qwen2Config.from_dict({**raw, "model_type": model_type} if model_type else raw)
