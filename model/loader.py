@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,14 +38,29 @@ def is_gguf_file(path: str) -> bool:
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progress: bool = True) -> LoadedModel:
-    path = os.path.expanduser(str(path))
+    given = str(path)
+    path = os.path.expanduser(given)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"model path does not exist: {path}")
+        raise FileNotFoundError(f"model path does not exist: {path}" + _hub_id_hint(given))
     if os.path.isdir(path):
         return _load_hf_dir(path, dtype, device, ops, progress)
     if is_gguf_file(path):
         return _load_gguf(path, dtype, device, ops, progress)
     raise ValueError(f"{path} is neither a checkpoint directory (config.json + safetensors) nor a GGUF file")
+
+
+# owner/name as the Hub spells repository ids; "./x", "/x", "~/x" and "x.gguf" are meant as local paths
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _hub_id_hint(given: str) -> str:
+    """For a missing path that reads as a Hugging Face Hub id: this runtime reads local files only."""
+    if not HUB_ID.fullmatch(given) or given.lower().endswith(".gguf"):
+        return ""
+    local = "./" + given.split("/")[1]
+    return (f". If {given!r} is a Hugging Face Hub id: qwen2-triton does not download models; download it first, "
+            f"e.g. `hf download {given} --local-dir {local}` (`huggingface-cli download` with huggingface_hub "
+            f"< 0.34), then pass that directory: model='{local}'")
 
 
 def _load_hf_dir(path: str, dtype, device, ops, progress) -> LoadedModel:

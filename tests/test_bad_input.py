@@ -45,8 +45,37 @@ def load(path, **kw):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist") as e:
         load(str(tmp_path / "does-not-exist"))
+    assert "download" not in str(e.value)  # an absolute path is not a Hub id
+
+
+def test_missing_path_that_reads_as_a_hub_id_gets_a_download_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./Qwen/Qwen2-0.5B-Instruct here
+    with pytest.raises(FileNotFoundError) as e:
+        load("Qwen/Qwen2-0.5B-Instruct")
+    msg = str(e.value)
+    assert msg.startswith("model path does not exist: Qwen/Qwen2-0.5B-Instruct") and "does not download" in msg
+    assert "`hf download Qwen/Qwen2-0.5B-Instruct --local-dir ./Qwen2-0.5B-Instruct`" in msg
+    assert "model='./Qwen2-0.5B-Instruct'" in msg
+
+
+@pytest.mark.parametrize("path", ["./Qwen/Qwen2", "models/qwen2.gguf", "a/b/c", "~/Qwen/Qwen2", "Qwen2-0.5B"])
+def test_missing_local_path_gets_no_hub_hint(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model path does not exist") as e:
+        load(path)
+    assert "download" not in str(e.value)
+
+
+def test_config_without_architectures_loads(ckpt, tmp_path, llm):
+    def drop(c):
+        del c["architectures"]
+        c["model_type"] = "qwen2"
+
+    plain = load(variant(ckpt, tmp_path, edit_config=drop), max_model_len=512)
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert plain.generate("hello", p)[0].token_ids == llm.generate("hello", p)[0].token_ids
 
 
 def test_directory_without_weights(tmp_path, ckpt):
