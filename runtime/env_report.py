@@ -82,11 +82,15 @@ def _model_shape(path: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qwen2-triton env", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    # The module docstring is the help: its first line once as the description, its examples as the epilog.
+    summary, _, examples = __doc__.partition("\n\n")
+    summary = summary.split(": ", 1)[1]
+    ap = argparse.ArgumentParser(prog="qwen2-triton env", description=summary[0].upper() + summary[1:],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n" + examples.rstrip())
     ap.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
     ap.add_argument("--arch", default=None, help="report for an assumed GPU of this capability, e.g. sm_86")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto (default) | bfloat16 | float16 | float32")
     ap.add_argument("--model", default=None, help="checkpoint directory or GGUF file whose shape to report")
     ap.add_argument("--tune", action="store_true", help="on a GPU, tune the attention tiles now (cached on disk)")
     ap.add_argument("--tuning-cache", default=None, help="tuning cache file (default ~/.cache/qwen2_triton)")

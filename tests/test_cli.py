@@ -1,13 +1,19 @@
-"""The qwen2-triton command line, run as a user runs it (a subprocess)."""
+"""The qwen2-triton command line: run as a user runs it (a subprocess), and in-process with a fake LLM and
+scripted input where a Ctrl-C must land at an exact point."""
 from __future__ import annotations
 
+import importlib.metadata
+import io
+import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from checkpoints import make_checkpoint
+from qwen2_triton import cli as cli_mod
 
 
 def cli(*args, input=None, timeout=300):
@@ -58,7 +64,9 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
 
 def test_bad_sampling_value_is_a_clear_error(ckpt):
     out = cli("generate", "--model", ckpt, "--top-p", "1.5", "hi")
-    assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: --top-p 1.5: must be in (0, 1]" in out.stderr  # the flag, not SamplingParams.top_p
+    assert "KV cache" not in out.stderr  # refused before the model loaded
 
 
 def test_env_reports_device_and_choices():
@@ -96,3 +104,289 @@ def test_bench_dispatch():
               "--requests", "4", "--no-hf")
     assert e2e.returncode == 0, e2e.stderr
     assert "qwen2-0.5b" in e2e.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In-process: cli.main with a fake LLM (cli._llm monkeypatched) and scripted input(), so Ctrl-C can be raised
+# exactly where a person would press it.
+
+CTRL_C_WHILE_PRINTING = object()  # a delta whose text raises KeyboardInterrupt: Ctrl-C lands in the CLI's print
+
+
+class _CtrlCDelta:
+    token_ids, finish_reason = [0], None
+
+    @property
+    def text(self):
+        raise KeyboardInterrupt
+
+
+class FakeLLM:
+    """The part of LLM the CLI uses: stream(), tokenizer, room_after(), generation_defaults. Each stream plays the
+    next script: strings (one token each; the last one finishes with "stop", an earlier one at max_tokens with
+    "length"),
+    KeyboardInterrupt (Ctrl-C during a model step) or CTRL_C_WHILE_PRINTING. ``live`` counts streams neither
+    finished nor closed: what would hold KV blocks in the real engine."""
+
+    def __init__(self, *scripts, room=1000, defaults=None):
+        self.scripts, self.room = list(scripts), room
+        self.generation_defaults = defaults or {}
+        self.tokenizer = SimpleNamespace(encode=lambda text: [0],  # every prompt: one token
+                                         apply_chat_template=lambda m, add_generation_prompt: json.dumps(m))
+        self.prompts, self.params, self.live = [], [], 0
+
+    def room_after(self, n):
+        return self.room - n
+
+    def stream(self, prompt, params):
+        self.prompts.append(prompt)
+        self.params.append(params)
+        return self._deltas(self.scripts.pop(0), params)
+
+    def _deltas(self, script, params):
+        self.live += 1
+        try:
+            for n, piece in enumerate(script, 1):
+                if piece is KeyboardInterrupt:
+                    raise KeyboardInterrupt
+                if piece is CTRL_C_WHILE_PRINTING:
+                    yield _CtrlCDelta()
+                    continue
+                finish = "stop" if n == len(script) else "length" if n == params.max_tokens else None
+                yield SimpleNamespace(text=piece, token_ids=[n], finish_reason=finish)
+                if finish:
+                    return
+        finally:
+            self.live -= 1
+
+
+def run_main(monkeypatch, capsys, fake, argv, inputs=()):
+    """cli.main(argv) with ``fake`` as the LLM; ``inputs`` are what the user types (strings) or presses
+    (EOFError = Ctrl-D, KeyboardInterrupt = Ctrl-C). Returns (status, stdout, stderr, live streams at each prompt)."""
+    pending, live_at_prompt = list(inputs), []
+
+    def scripted_input(prompt=""):
+        print(prompt, end="")
+        live_at_prompt.append(fake.live)
+        item = pending.pop(0)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setattr(cli_mod, "_llm", lambda a: fake)
+    monkeypatch.setattr("builtins.input", scripted_input)
+    status = cli_mod.main(argv)
+    out = capsys.readouterr()
+    return status, out.out, out.err, live_at_prompt
+
+
+def history(prompt: str) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in json.loads(prompt)]
+
+
+def test_chat_ctrl_c_during_a_reply_stops_it_and_keeps_the_session(monkeypatch, capsys):
+    fake = FakeLLM(["Hel", "lo", CTRL_C_WHILE_PRINTING, " never shown"], ["fine"])
+    status, out, err, live = run_main(monkeypatch, capsys, fake, ["chat"], ["hi", "again", EOFError])
+    assert status == 0
+    assert live == [0, 0, 0]  # the interrupted stream was closed (its request aborted) before the next prompt
+    assert "Hello\n> " in out and "never shown" not in out  # the reply's line ended; the prompt has its own
+    assert out.endswith("fine\n> \n")  # Ctrl-D: the shell's prompt starts on a fresh line too
+    assert "[reply stopped; Ctrl-C at the prompt quits]" in err
+    # the partial reply stays in the history, as the user saw it
+    assert history(fake.prompts[1]) == [("user", "hi"), ("assistant", "Hello"), ("user", "again")]
+
+
+def test_chat_ctrl_c_before_any_text_drops_the_turn(monkeypatch, capsys):
+    fake = FakeLLM([KeyboardInterrupt], ["fine"])  # Ctrl-C while the model runs its first step
+    status, out, err, live = run_main(monkeypatch, capsys, fake, ["chat"], ["hi", "again", "/exit"])
+    assert status == 0 and live == [0, 0, 0]
+    assert "> \n> " in out and "reply stopped" in err
+    assert history(fake.prompts[1]) == [("user", "again")]
+
+
+def test_chat_ctrl_c_at_the_prompt_exits_on_a_new_line(monkeypatch, capsys):
+    fake = FakeLLM(["fine"])
+    status, out, err, _ = run_main(monkeypatch, capsys, fake, ["chat"], ["hi", KeyboardInterrupt])
+    assert status == 130 and out.endswith("fine\n> \n") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,room,defaults,note", [
+    (["--max-tokens", "2"], 1000, None, "[reply cut off at 2 tokens: --max-tokens]"),
+    ([], 1000, {"max_tokens": 2}, "[reply cut off at 2 tokens: the checkpoint's max_new_tokens; --max-tokens"),
+    ([], 3, None, "[reply cut off at 2 tokens: the end of the context (--max-model-len)]"),  # room 3 - 1 token
+])
+def test_chat_says_when_a_reply_is_cut_off(monkeypatch, capsys, argv, room, defaults, note):
+    fake = FakeLLM(["a", "b", "c"], ["done"], room=room, defaults=defaults)
+    status, out, err, _ = run_main(monkeypatch, capsys, fake, ["chat", *argv], ["hi", "x", "/exit"])
+    assert status == 0 and fake.params[0].max_tokens == 2
+    assert "> ab\n> " in out and "abc" not in out
+    assert err.count("cut off") == 1 and note in err  # the second reply ended by itself: no note
+
+
+def test_chat_without_cut_off_has_no_note(monkeypatch, capsys):
+    fake = FakeLLM(["a", "b"])
+    _, out, err, _ = run_main(monkeypatch, capsys, fake, ["chat", "--max-tokens", "2"], ["hi", "/exit"])
+    assert "ab\n" in out and "cut off" not in err  # 2 tokens, the second one the model's own stop
+
+
+def test_generate_ctrl_c_ends_the_line_and_aborts(monkeypatch, capsys):
+    fake = FakeLLM(["par", "tial", CTRL_C_WHILE_PRINTING, "x"])
+    status, out, err, _ = run_main(monkeypatch, capsys, fake, ["generate", "hi"])
+    assert status == 130 and out == "partial\n" and fake.live == 0
+
+
+def test_generate_names_the_limit_that_cut_it_off(monkeypatch, capsys):
+    fake = FakeLLM(["x"] * 300)
+    status, out, err, _ = run_main(monkeypatch, capsys, fake, ["generate", "hi"])
+    assert status == 0 and out == "x" * 256 + "\n"
+    assert "[cut off at 256 tokens: the default of 256; --max-tokens sets another]" in err
+
+
+class _Trap(io.StringIO):
+    """stdout that raises KeyboardInterrupt at the n-th non-empty write after arm(n): Ctrl-C mid-reply."""
+    countdown = None
+
+    def write(self, s):
+        if s and self.countdown is not None:
+            self.countdown -= 1
+            if self.countdown == 0:
+                self.countdown = None
+                raise KeyboardInterrupt
+        return super().write(s)
+
+
+def test_chat_ctrl_c_frees_the_real_engines_kv_blocks(monkeypatch, ckpt):
+    """With the real engine: a reply stopped by Ctrl-C leaves no request running and every KV block free, and the
+    next turn works."""
+    from qwen2_triton import LLM
+
+    llm = LLM(ckpt, dtype="float32", device="cpu", kernels="torch", progress=False, max_model_len=512)
+    stdout, seen = _Trap(), []
+
+    def scripted_input(prompt=""):
+        seen.append((llm.scheduler.has_work(), len(llm.blocks.free) == llm.blocks.num_blocks - 1))
+        if len(seen) == 1:
+            stdout.countdown = 3  # Ctrl-C on the third piece of the first reply
+        return ["hello there", "and again", "/exit"][len(seen) - 1]
+
+    monkeypatch.setattr(cli_mod, "_llm", lambda a: llm)
+    monkeypatch.setattr("builtins.input", scripted_input)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    status = cli_mod.main(["chat", "--temperature", "0", "--max-tokens", "40"])
+    assert status == 0 and stdout.countdown is None  # the trap fired
+    assert seen == [(False, True)] * 3  # before each prompt: nothing running, every block free
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Flags are checked before the model loads, and errors name flags.
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def fail(a):
+        raise AssertionError("the model was loaded for a command line that cannot run")
+
+    monkeypatch.setattr(cli_mod, "_llm", fail)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("flags,message", [
+    (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number"),
+    (["--temperature", "-1"], "--temperature -1.0:"),
+    (["--max-tokens", "0"], "--max-tokens 0: must be an integer >= 1"),
+    (["--top-k", "0"], "--top-k 0: must be -1 (off) or an integer >= 1"),
+    (["--repetition-penalty", "0"], "--repetition-penalty 0.0:"),
+    (["--max-tokens", "64", "--max-model-len", "64"], "--max-tokens 64 leaves no room for a prompt"),
+])
+def test_bad_sampling_flag_fails_before_the_model_loads(no_load, capsys, command, flags, message):
+    status = cli_mod.main([command, *flags] + (["hi"] if command == "generate" else []))
+    err = capsys.readouterr().err
+    assert status == 2 and f"qwen2-triton: error: {message}" in err and "SamplingParams" not in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["--device", "tpu"], "argument --device: expected cuda, cuda:N or cpu, got 'tpu'"),
+    (["--kernels", "cuda"], "argument --kernels: invalid choice: 'cuda'"),
+    (["--max-model-len", "1"], "argument --max-model-len: expected an integer >= 2"),
+    (["--max-model-len", "lots"], "argument --max-model-len: expected an integer >= 2"),
+])
+def test_bad_model_flag_fails_before_the_model_loads(no_load, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        cli_mod.main(["chat", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_flag_aliases_and_choices_match_the_library(monkeypatch):
+    from qwen2_triton.runtime.kernel_plan import DTYPES, KERNEL_CHOICES
+
+    assert cli_mod.KERNEL_CHOICES == KERNEL_CHOICES
+    assert set(cli_mod.DTYPE_CHOICES[1:]) | set(cli_mod.DTYPE_ALIASES) == set(DTYPES)
+    assert all(DTYPES[alias] == DTYPES[name] for alias, name in cli_mod.DTYPE_ALIASES.items())
+    seen = {}
+    monkeypatch.setattr(cli_mod, "_llm", lambda a: seen.update(dtype=a.dtype, device=a.device) or FakeLLM(["x"]))
+    assert cli_mod.main(["generate", "--dtype", "bf16", "--device", "cuda:1", "hi"]) == 0
+    assert seen == {"dtype": "bfloat16", "device": "cuda:1"}
+
+
+@pytest.mark.parametrize("library,cli_text", [
+    ("device='cuda' was asked for but no CUDA device is available; use device='cpu'",
+     "--device cuda was asked for but no CUDA device is available; use --device cpu"),
+    ("max_model_len must be an integer >= 2, got -5", "--max-model-len must be an integer >= 2, got -5"),
+    ("SamplingParams.top_p=2: must be in (0, 1]", "--top-p 2: must be in (0, 1]"),
+    ("prompt 0: 30 prompt tokens + max_tokens 4 = 34 exceeds the model's context of 32 tokens",
+     "prompt 0: 30 prompt tokens + --max-tokens 4 = 34 exceeds the model's context of 32 tokens"),
+    ("dtype bfloat16 needs sm_80 or newer; T4 is sm_75: use dtype='float16'",
+     "dtype bfloat16 needs sm_80 or newer; T4 is sm_75: use --dtype float16"),
+    ("SamplingParams.logprobs=-1: must be None or an integer >= 0",  # no such flag: left as it is
+     "SamplingParams.logprobs=-1: must be None or an integer >= 0"),
+    ("the seed and the device of this temperature", "the seed and the device of this temperature"),  # prose
+])
+def test_library_errors_read_in_flag_names(library, cli_text):
+    assert cli_mod.flag_names(library) == cli_text
+
+
+def test_library_error_at_load_names_the_flag(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_mod.main(["generate", "--device", "cuda", "hi"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
+
+
+def test_hub_id_gets_a_download_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = cli("generate", "--model", "Qwen/Qwen2-0.5B-Instruct", "--device", "cpu", "hi")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "does not download" in out.stderr
+    assert "hf download Qwen/Qwen2-0.5B-Instruct --local-dir ./Qwen2-0.5B-Instruct" in out.stderr
+    assert "--model ./Qwen2-0.5B-Instruct" in out.stderr  # in CLI terms (the library says model='...')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --version and env --help
+
+def test_version_comes_from_the_package_metadata():
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout == f"qwen2-triton {importlib.metadata.version('qwen2-triton')}\n"
+
+
+def test_version_falls_back_to_setup_py(monkeypatch):
+    import ast
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    setup_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cli_mod.__file__))), "setup.py")
+    call = next(n for n in ast.walk(ast.parse(open(setup_py).read()))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    want = next(k.value.value for k in call.keywords if k.arg == "version")
+    assert cli_mod.version() == want
+
+
+def test_env_help_says_things_once():
+    out = cli("env", "--help")
+    assert out.returncode == 0
+    assert out.stdout.count("the kernel choices made for it and why") == 1
+    assert out.stdout.count("qwen2-triton env --arch sm_86") == 1 and "``" not in out.stdout
