@@ -76,7 +76,7 @@ class LLM:
         input raises here, before iteration starts. Several streams may be interleaved: each step advances every
         running request. Closing the iterator early aborts the request and frees its KV blocks."""
         (state,) = self._add([prompt], sampling_params)
-        return self._deltas(state)
+        return _Stream(self._deltas(state), lambda: self._abort([state]))
 
     def _deltas(self, state: RequestState) -> Iterator[CompletionOutput]:
         try:
@@ -136,6 +136,27 @@ class LLM:
         ids = [eid for s in states for eid in self.outputs.abort(s.request_id)]
         if ids:
             self.core.abort_requests(ids)
+
+
+class _Stream:
+    """The iterator ``LLM.stream`` returns: closing it (or dropping it) aborts the request even before the first
+    ``next()``, which a bare generator would not do (its ``finally`` runs only once started)."""
+
+    def __init__(self, gen: Iterator[CompletionOutput], abort):
+        self._gen, self._abort = gen, abort
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> CompletionOutput:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+        self._abort()
+
+    def __del__(self):
+        self.close()
 
 
 def _is_conversation(x) -> bool:
