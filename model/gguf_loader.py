@@ -10,7 +10,9 @@ Facts this relies on:
 - llama.cpp's converter permutes q/k rows only for archs with interleaved (GPT-J) rotary, e.g. llama. Qwen2 uses
   the half-split (neox) rotary and is stored unpermuted, so q/k load as they are (test_gguf checks this against
   transformers' own GGUF load).
-- Dequantization is the `gguf` package's (maintained with llama.cpp), tensor by tensor, then cast to `dtype`.
+- Metadata and the tensor table are read by model/gguf_file.py (gguf.GGUFReader spent ~10 s on a Qwen2
+  vocabulary); dequantization is the `gguf` package's (maintained with llama.cpp), tensor by tensor, then cast to
+  `dtype`.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFValueType
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from .gguf_file import GGUFFile, GGUFTensorInfo, read_gguf
 from .tokenizer import Tokenizer
 
 # Types we dequantize. Floats are converted directly; the rest go through gguf.quants (numpy, float32 out).
@@ -64,7 +67,7 @@ class GGUFCheckpoint:
     tokenizer: Tokenizer
     chat_template: str | None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
-    reader: GGUFReader | None = None  # the open file; `tensors` read from its memory map
+    file: GGUFFile | None = None  # the parsed file; `tensors` read from its memory map
 
 
 class GGUFTensors(Mapping):
@@ -72,7 +75,7 @@ class GGUFTensors(Mapping):
     progress bar when asked; `shapes` (torch shapes) and `ggml_types` describe them without dequantizing, e.g. to
     build the model on the meta device first."""
 
-    def __init__(self, path: str, sources: dict[str, Any], dtype: torch.dtype, device, progress: bool):
+    def __init__(self, path: str, sources: dict[str, GGUFTensorInfo], dtype: torch.dtype, device, progress: bool):
         self.path, self._sources, self.dtype, self.device, self.progress = path, sources, dtype, device, progress
         self.shapes = {name: _torch_shape(t) for name, t in sources.items()}
         self.ggml_types = {name: t.tensor_type.name for name, t in sources.items()}  # "Q4_K", "F32", ...
@@ -102,12 +105,12 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     corrupt, is not a qwen2 model, or holds a tensor of an unsupported type or of the wrong shape.
     """
     path = os.fspath(path)
-    reader = _open_reader(path)
-    meta = _metadata(reader)
+    gguf_file = _open(path)
+    meta = _metadata(gguf_file)
     arch = meta.get("general.architecture")
     if arch != "qwen2":
         raise ValueError(f"{path}: general.architecture is {arch!r}; this runtime serves 'qwen2' models only")
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = {t.name: t for t in gguf_file.tensors}
     config = _config(path, meta, by_name)
     sources = _hf_sources(path, by_name, config)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
@@ -115,10 +118,10 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
                 if f"general.sampling.{k}" in meta}
     return GGUFCheckpoint(path=path, config=config, tensors=GGUFTensors(path, sources, dtype, device, progress),
                           tokenizer=tokenizer, chat_template=meta.get("tokenizer.chat_template"),
-                          generation_defaults=defaults, reader=reader)
+                          generation_defaults=defaults, file=gguf_file)
 
 
-def _open_reader(path: str) -> GGUFReader:
+def _open(path: str) -> GGUFFile:
     if not os.path.exists(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     if not os.path.isfile(path):
@@ -127,20 +130,13 @@ def _open_reader(path: str) -> GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, a GGUF starts with b'GGUF'")
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:
-        # GGUFReader reports a damaged file as whatever numpy raised first (a failed reshape of a tensor cut short,
-        # a bad dtype view in the metadata); say what it means.
-        raise ValueError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
-    return reader
+    return read_gguf(path)  # a GGUFFormatError (ValueError) names the file and what is wrong with it
 
 
-def _metadata(reader: GGUFReader) -> dict[str, Any]:
+def _metadata(gguf_file: GGUFFile) -> dict[str, Any]:
     meta = {}
-    for key, f in reader.fields.items():
-        value = f.contents()
-        if f.types == [GGUFValueType.FLOAT32]:
+    for key, value in gguf_file.metadata.items():
+        if gguf_file.value_types[key] == (GGUFValueType.FLOAT32,):
             # Stored as float32: 1e-6 reads back as 9.99999997e-07. The shortest float32 repr is the decimal the
             # original config.json had.
             value = float(str(np.float32(value)))
@@ -203,7 +199,7 @@ def _rope_scaling(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _hf_sources(path: str, by_name: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """HF name -> reader tensor, in file order, with every shape and type checked before anything loads."""
+    """HF name -> tensor info, in file order, with every shape and type checked before anything loads."""
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = hidden // config["num_attention_heads"]
     q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
@@ -250,11 +246,11 @@ def hf_name(name: str, num_layers: int) -> str | None:
     return None
 
 
-def _torch_shape(t) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(t.shape))  # GGUF ne[0] is the innermost (last torch) dimension
+def _torch_shape(t: GGUFTensorInfo) -> tuple[int, ...]:
+    return tuple(reversed(t.dims))  # GGUF ne[0] is the innermost (last torch) dimension
 
 
-def _dequantize(t) -> torch.Tensor:
+def _dequantize(t: GGUFTensorInfo) -> torch.Tensor:
     """The tensor's values at float32 or better precision, as a fresh (writable) torch tensor, flat."""
     data = t.data  # read-only memmap view of the file
     if t.tensor_type == QT.F32:

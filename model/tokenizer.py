@@ -100,7 +100,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, fields: Mapping[str, Any] | Any) -> "Tokenizer":
-        """From GGUF metadata: a dict of key -> value, or a `gguf.GGUFReader` (its `fields` are read)."""
+        """From GGUF metadata: a dict of key -> value, a `model.gguf_file.GGUFFile`, or a `gguf.GGUFReader` (its
+        `fields` are read)."""
         meta = _gguf_fields_to_dict(fields)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
@@ -214,9 +215,11 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[tuple[str,
 def _gguf_fields_to_dict(fields: Any) -> dict[str, Any]:
     if isinstance(fields, Mapping):
         return dict(fields)
+    if isinstance(getattr(fields, "metadata", None), Mapping):  # model.gguf_file.GGUFFile
+        return dict(fields.metadata)
     if hasattr(fields, "fields"):  # gguf.GGUFReader: only the tokenizer keys are needed
         return {k: f.contents() for k, f in fields.fields.items() if k.startswith("tokenizer.")}
-    raise TypeError(f"expected a metadata dict or a gguf.GGUFReader, got {type(fields).__name__}")
+    raise TypeError(f"expected a metadata dict, a GGUFFile or a gguf.GGUFReader, got {type(fields).__name__}")
 
 
 def _read_json(path: str) -> dict:

@@ -102,7 +102,7 @@ def test_quantized_types_against_independent_dequantizers(ckpt):
     transformers' torch kernels (Q8_0, Q4_K, Q6_K) and a numpy Q5_0 decoder written from ggml's block layout."""
     hf_dequant = pytest.importorskip("transformers.integrations.gguf.dequant").dequantize
     smallest = {}  # ggml type -> its smallest tensor in the file, to keep this quick
-    for t in ckpt.reader.tensors:
+    for t in ckpt.file.tensors:
         kind = t.tensor_type.name
         if kind != "F32" and (kind not in smallest or t.n_elements < smallest[kind].n_elements):
             smallest[kind] = t
@@ -283,3 +283,14 @@ def test_bfloat16_target(tmp_path):
     for name in fp32:
         assert bf16[name].dtype == torch.bfloat16
         assert torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
+
+
+def test_big_endian_file_is_refused(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "be.gguf"), "qwen2", endianess=gguf.GGUFEndian.BIG)
+    w.add_uint32("qwen2.block_count", 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"be\.gguf is a big-endian GGUF file"):
+        load_gguf(tmp_path / "be.gguf")

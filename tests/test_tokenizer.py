@@ -7,6 +7,7 @@ import unicodedata
 
 import pytest
 
+from qwen2_triton.model.gguf_file import read_gguf
 from qwen2_triton.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -36,7 +37,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def ours(demo_gguf):
-    return Tokenizer.from_gguf_metadata(gguf.GGUFReader(demo_gguf))
+    # The runtime's own reading (model/gguf_file.py); test_gguf_file checks it builds the tokenizer that
+    # gguf.GGUFReader's metadata builds, identical to the serialized JSON.
+    return Tokenizer.from_gguf_metadata(read_gguf(demo_gguf))
 
 
 @pytest.fixture(scope="module")
