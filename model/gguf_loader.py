@@ -11,8 +11,8 @@ Facts this relies on:
   the half-split (neox) rotary and is stored unpermuted, so q/k load as they are (test_gguf checks this against
   transformers' own GGUF load).
 - Metadata and the tensor table are read by model/gguf_file.py (gguf.GGUFReader spent ~10 s on a Qwen2
-  vocabulary); dequantization is the `gguf` package's (maintained with llama.cpp), tensor by tensor, then cast to
-  `dtype`.
+  vocabulary); dequantization is the `gguf` package's (maintained with llama.cpp), with faster paths for Q8_0 and
+  Q5_0 in model/dequant.py, tensor by tensor, then cast to `dtype`.
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
-from gguf.quants import dequantize
 from tqdm import tqdm
 
+from .dequant import dequantize
 from .gguf_file import GGUFFile, GGUFTensorInfo, read_gguf
 from .tokenizer import Tokenizer
 
-# Types we dequantize. Floats are converted directly; the rest go through gguf.quants (numpy, float32 out).
+# Types we dequantize. Floats are converted directly; the rest go through model/dequant.py (numpy, float32 out).
 _FLOAT_TYPES = {QT.F32, QT.F16, QT.BF16}
 _QUANT_TYPES = {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K}
 
