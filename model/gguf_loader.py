@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +92,20 @@ class GGUFTensors(Mapping):
         return len(self._sources)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        names = tqdm(self._sources, desc=f"loading {os.path.basename(self.path)}", unit="tensor",
-                     disable=not self.progress)
-        for name in names:
-            yield name, self[name]
+        """(name, tensor) in file order. The next tensor is dequantized on a second thread while the caller
+        copies this one into place (numpy and torch release the GIL): the two overlap on a 2-core CPU. At most two
+        dequantized tensors exist at a time."""
+        names = list(self._sources)
+        bar = tqdm(total=len(names), desc=f"loading {os.path.basename(self.path)}", unit="tensor",
+                   disable=not self.progress)
+        with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-dequant") as pool:
+            ahead = pool.submit(self.__getitem__, names[0]) if names else None
+            for i, name in enumerate(names):
+                tensor = ahead.result()
+                ahead = pool.submit(self.__getitem__, names[i + 1]) if i + 1 < len(names) else None
+                yield name, tensor
+                del tensor
+                bar.update(1)
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu",

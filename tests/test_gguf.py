@@ -285,6 +285,40 @@ def test_bfloat16_target(tmp_path):
         assert torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
 
 
+# ---- items(): the next tensor is dequantized on a worker thread while the caller copies this one -----------------
+def test_items_in_file_order_and_equal_to_getitem(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    tensors = load_gguf(tmp_path / "tiny.gguf", progress=False).tensors
+    pairs = list(tensors.items())
+    assert [name for name, _ in pairs] == list(tensors)  # file order, each once
+    for name, tensor in pairs:
+        assert torch.equal(tensor, tensors[name]), name
+        assert tensor.shape == tensors.shapes[name]
+
+
+def test_items_stopped_early_and_failing(tmp_path, monkeypatch):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    tensors = load_gguf(tmp_path / "tiny.gguf", progress=False).tensors
+    it = tensors.items()
+    first = next(it)
+    it.close()  # a consumer that raised (load_into on a bad shape): the worker is joined, nothing hangs
+    assert first[0] == next(iter(tensors))
+    names = list(tensors)
+    real = type(tensors).__getitem__
+
+    def broken(self, name):
+        if name == names[3]:
+            raise ValueError(f"cannot decode {name}")
+        return real(self, name)
+
+    monkeypatch.setattr(type(tensors), "__getitem__", broken)
+    seen = []
+    with pytest.raises(ValueError, match=f"cannot decode {names[3]}"):  # raised in the caller's thread, in order
+        for name, _ in tensors.items():
+            seen.append(name)
+    assert seen == names[:3]
+
+
 def test_big_endian_file_is_refused(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "be.gguf"), "qwen2", endianess=gguf.GGUFEndian.BIG)
     w.add_uint32("qwen2.block_count", 1)
