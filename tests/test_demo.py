@@ -1,5 +1,6 @@
 """The demo model: assembled from its installed parts into the cache, sha256-verified, bad files rejected."""
 import hashlib
+import logging
 import os
 
 import pytest
@@ -36,6 +37,18 @@ def test_assembles_and_verifies(parts, cache):
     assert digest.hexdigest() == demo.DEMO_SHA256
     assert sorted(os.listdir(cache)) == [demo.DEMO_FILE_NAME]  # no temporary file left behind
     assert demo.demo_model_path() == path  # second call: already verified in this process
+
+
+def test_assembly_is_announced_once(parts, cache, caplog):
+    """The one slow step of a first run says what it is doing (the CLI shows INFO records on stderr)."""
+    with caplog.at_level(logging.INFO, logger="qwen2_triton.model.demo"):
+        path = demo.demo_model_path()
+        assert [r.getMessage() for r in caplog.records][:1] == [
+            f"assembling the demo model (491 MB) from the installed parts into {path}, once"]
+        assert caplog.records[-1].getMessage().startswith("demo model assembled and verified in ")
+        caplog.clear()
+        demo.demo_model_path()
+        assert caplog.records == []  # already assembled: nothing to announce
 
 
 def test_corrupted_cache_file_is_rejected_and_rebuilt(parts, cache):
