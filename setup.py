@@ -34,10 +34,12 @@ setup(
         "jinja2>=3.1",  # chat templates: transformers renders them with jinja2; rendering with the same engine is the only way to be identical
         "gguf>=0.10",  # GGUF parsing and dequantization (Q4_K, Q6_K, ...) maintained by llama.cpp
         "tqdm",  # progress bar while weights load
+        "xgrammar>=0.2.8",  # structured output (JSON schema -> logits masks): the grammar engine vLLM and SGLang use, maintained by MLC; 0.2.8 is what the tests ran on
     ],
     extras_require={
         "demo": DEMO_PARTS,
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate",
+                 "jsonschema>=4"],  # jsonschema validates structured outputs independently of xgrammar
     },
     entry_points={"console_scripts": ["qwen2-triton=qwen2_triton.cli:main"]},
 )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from qwen2_triton.runtime.request import EngineRequest
 from qwen2_triton.runtime.sampling_params import NEUTRAL, SamplingParams
+from qwen2_triton.runtime.structured_output import check_structured_output
 
 REST_OF_CONTEXT = None  # a max_tokens fallback: as many tokens as the context and the KV pool leave
 
@@ -63,6 +64,8 @@ class InputProcessor:
             if (getattr(sp, name) or 0) > self.vocab_size:
                 raise ValueError(f"SamplingParams.{name}={getattr(sp, name)} exceeds the vocabulary "
                                  f"({self.vocab_size})")
+        if sp.structured_output is not None:  # a schema xgrammar cannot use fails here, before anything is queued
+            check_structured_output(sp.structured_output)
         total = len(ids) + sp.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt {index}: {len(ids)} prompt tokens + max_tokens {sp.max_tokens} = {total} "

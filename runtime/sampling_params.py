@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from qwen2_triton.runtime.structured_output import StructuredOutput
+
 NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
            "max_tokens": 16}
 
@@ -32,6 +34,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for each prompt token (plus the prompt token itself)
     skip_special_tokens: bool = True
     n: int = 1  # completions of the prompt; completion 0 of a seeded request equals the n=1 result
+    structured_output: StructuredOutput | None = None  # JSON enforced by a grammar (runtime/structured_output.py)
 
     def __post_init__(self):
         # Checked at construction, so a typo fails before a model is loaded or a request is queued; the fields
@@ -84,6 +87,9 @@ class SamplingParams:
         if self.stop_token_ids is not None and (not isinstance(self.stop_token_ids, (list, tuple)) or
                                                 not all(_int(t) for t in self.stop_token_ids)):
             bad("stop_token_ids", "must be a list of integers")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            bad("structured_output", "must be None or a StructuredOutput(json_schema=...) / StructuredOutput("
+                "json_object=True)")
 
     @property
     def greedy(self) -> bool:
@@ -139,4 +145,4 @@ class RequestOutput:
         return self.outputs[0].stop_reason
 
 
-__all__ = ["SamplingParams", "RequestOutput", "CompletionOutput", "NEUTRAL"]
+__all__ = ["SamplingParams", "RequestOutput", "CompletionOutput", "NEUTRAL", "StructuredOutput"]
