@@ -26,11 +26,13 @@ from qwen2_triton.runtime.model_runner import ModelRunner, kv_bytes_per_block, p
 from qwen2_triton.runtime.request import EngineCoreOutput, EngineRequest
 from qwen2_triton.runtime.scheduler import Scheduler
 from qwen2_triton.runtime.sequence import Sequence
+from qwen2_triton.runtime.structured_output import StructuredOutputManager
 from qwen2_triton.runtime.tuning import TuningCache
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_TOKENS = 32768
+GRAMMAR_WAIT_S = 0.05  # a step with only grammar-compiling requests waits this long for one (no spinning)
 
 
 class EngineCore:
@@ -71,10 +73,15 @@ class EngineCore:
             self.ops.use_plan(self.plan)
         num_blocks = self._num_kv_blocks()
         self.blocks = BlockManager(num_blocks, c.block_size)
+        # Grammars (structured output): nothing is built until a request asks for one.
+        self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                                  max_num_seqs=c.max_num_seqs)
         self.runner = ModelRunner(self.model, num_blocks, c.block_size, self.dtype, max_num_seqs=c.max_num_seqs,
-                                  max_model_len=self.max_model_len, enforce_eager=c.enforce_eager)
+                                  max_model_len=self.max_model_len, enforce_eager=c.enforce_eager,
+                                  structured=self.structured)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens,
-                                   on_release=self.runner.release, eos_token_ids=self.eos_token_ids)
+                                   on_release=self.runner.release, eos_token_ids=self.eos_token_ids,
+                                   structured=self.structured)
         self._seq_ids = itertools.count()
         for line in self.describe():
             log.info("%s", line)
@@ -113,8 +120,9 @@ class EngineCore:
         return self.blocks.capacity_tokens
 
     def add_request(self, req: EngineRequest) -> None:
-        self.scheduler.add(Sequence(next(self._seq_ids), req.request_id, list(req.prompt_ids), req.params,
-                                    seed=req.seed))
+        seq = Sequence(next(self._seq_ids), req.request_id, list(req.prompt_ids), req.params, seed=req.seed)
+        self.scheduler.add(seq)
+        self.structured.add(seq)  # its grammar (if any) starts compiling, off this thread
 
     def abort_requests(self, request_ids) -> None:
         """Free these requests' KV blocks now (call between steps, from the thread that steps the core); unknown
@@ -125,13 +133,18 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[EngineCoreOutput]:
+        failed = self.structured.failed_requests()  # grammars that did not compile end their requests
+        self.scheduler.abort(failed)
+        outputs = [EngineCoreOutput(rid, finish_reason="abort") for rid in failed]
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.structured.wait_for_grammars(GRAMMAR_WAIT_S):  # only requests whose grammar compiles
+                return outputs
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler produced an empty step with work pending (KV pool too small?)")
-            return []
+            return outputs
         result = self.runner.run(chunks, self.blocks)
-        return self.scheduler.update_from_output(chunks, result)
+        return outputs + self.scheduler.update_from_output(chunks, result)
 
     def stats(self) -> dict:
         """Counters since start-up:

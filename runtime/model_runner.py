@@ -85,8 +85,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 max_num_seqs: int, max_model_len: int, enforce_eager: bool):
+                 max_num_seqs: int, max_model_len: int, enforce_eager: bool, structured=None):
         self.model, self.device, self.block_size = model, model.device, block_size
+        self.structured = structured  # runtime/structured_output.StructuredOutputManager: grammar masks, or None
         self.kv_caches = allocate_kv(model, num_blocks, block_size, kv_dtype)
         self.decode_graphs = None
         # Only ops without host syncs can be captured: the Triton kernels are; the torch references are not
@@ -170,7 +171,9 @@ class ModelRunner:
         logprobs = logits.log_softmax(-1) if need_logprobs else None
         if sample_idx:
             seqs = [row_of[i][1] for i in sample_idx]
-            sl = logits[sample_idx]
+            sl = logits[sample_idx]  # a copy: a decode graph's output buffer is never written
+            if self.structured is not None:  # grammar rows: -inf outside the grammar, before any sampling step
+                self.structured.apply_masks(sl, seqs)
             st = self._sampling_tensors(seqs, sl.shape[-1])
             tokens = sample(sl, st)
             if st.history_rows is not None:

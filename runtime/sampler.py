@@ -2,7 +2,8 @@
 
 Order, as transformers' logits processors apply them: repetition penalty (prompt + output tokens),
 presence/frequency penalties (output tokens), then for sampled rows temperature -> top-k -> top-p -> min-p,
-then a draw. Greedy rows (temperature 0) take the argmax of the penalised logits.
+then a draw. Greedy rows (temperature 0) take the argmax of the penalised logits. Rows with a grammar (structured
+output) arrive already masked to -inf outside it (runtime/structured_output.py), so every step here keeps to it.
 
 The draw is ``argmax(p / E)`` with E ~ Exp(1) (the exponential-race form of categorical sampling, as gpt-fast
 uses), where E comes from a counter-based hash of (request seed, output index, token id). So a request's

@@ -5,6 +5,8 @@ token; an unfinished prefill continues with its next chunk), then waiting ones a
 ``max_num_seqs`` and free KV blocks allow. When a running sequence cannot get the block it needs, the most
 recently admitted one is preempted: its blocks are freed and it is recomputed later (prompt + output so far).
 A request that could never fit in the whole pool is rejected before it is queued, so nothing waits forever.
+A request whose grammar is still compiling (structured output) is passed over until it is ready, while the ones
+behind it are admitted.
 
 After the model ran, ``update_from_output`` applies the step to the sequences (new tokens, prompt log-probs),
 checks the token-level stops (eos ids, stop_token_ids, max_tokens) and returns one immutable EngineCoreOutput
@@ -35,8 +37,9 @@ class Chunk:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 on_release=lambda seq: None, eos_token_ids: tuple[int, ...] = ()):
+                 on_release=lambda seq: None, eos_token_ids: tuple[int, ...] = (), structured=None):
         self.blocks = blocks
+        self.structured = structured  # runtime/structured_output.StructuredOutputManager: grammars, or None
         self.eos_token_ids = frozenset(eos_token_ids)
         self.requests: dict[str, Sequence] = {}  # unfinished requests by id
         self.on_release = on_release  # told when a sequence leaves the running set (per-sequence device state)
@@ -81,8 +84,12 @@ class Scheduler:
             chunks.append(Chunk(seq, seq.num_computed, n))
             budget -= n
             i += 1
+        unready = []  # waiting for their grammar: they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.structured is not None and not self.structured.ready(seq):
+                unready.append(self.waiting.popleft())
+                continue
             n = min(seq.num_uncomputed, budget)
             # Admission reserves blocks for the whole prompt (+ output so far, after a preemption): admitting
             # on the first chunk alone lets a long prompt be preempted mid-prefill and recomputed over and over.
@@ -94,6 +101,7 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(Chunk(seq, seq.num_computed, n))
             budget -= n
+        self.waiting.extendleft(reversed(unready))
         return chunks
 
     def _preempt(self, seq: Sequence) -> None:
@@ -114,6 +122,8 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         self.requests.pop(seq.request_id, None)
+        if self.structured is not None:
+            self.structured.release(seq)
 
     def update_from_output(self, chunks: list[Chunk], result) -> list[EngineCoreOutput]:
         """Apply a step's results (runtime/model_runner.StepResult) and return what each request gained."""
@@ -131,6 +141,8 @@ class Scheduler:
                 continue
             seq.output_ids.append(token)
             finish, stop = self._check_stop(seq, token)
+            if finish is None and self.structured is not None:
+                finish, stop = self.structured.accept(seq, token)  # the grammar ended (or, a bug, was broken)
             lp = result.logprobs.get(seq.seq_id)
             outputs.append(EngineCoreOutput(
                 seq.request_id, (token,), (lp,) if seq.params.logprobs is not None else None,
