@@ -82,8 +82,10 @@ class GGUFTensors(Mapping):
         self.ggml_types = {name: t.tensor_type.name for name, t in sources.items()}  # "Q4_K", "F32", ...
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        t = self._sources[name]
-        return _dequantize(t).reshape(self.shapes[name]).to(device=self.device, dtype=self.dtype)
+        return self._decode(name).to(device=self.device, dtype=self.dtype)
+
+    def _decode(self, name: str) -> torch.Tensor:  # float32 (or wider) on the CPU, in its torch shape
+        return _dequantize(self._sources[name]).reshape(self.shapes[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources)
@@ -94,15 +96,16 @@ class GGUFTensors(Mapping):
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in file order. The next tensor is dequantized on a second thread while the caller
         copies this one into place (numpy and torch release the GIL): the two overlap on a 2-core CPU. At most two
-        dequantized tensors exist at a time."""
+        dequantized tensors exist at a time. The worker stays on the CPU; the move to `device` happens here, in the
+        caller's thread, so its current CUDA device applies."""
         names = list(self._sources)
         bar = tqdm(total=len(names), desc=f"loading {os.path.basename(self.path)}", unit="tensor",
                    disable=not self.progress)
         with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-dequant") as pool:
-            ahead = pool.submit(self.__getitem__, names[0]) if names else None
+            ahead = pool.submit(self._decode, names[0]) if names else None
             for i, name in enumerate(names):
-                tensor = ahead.result()
-                ahead = pool.submit(self.__getitem__, names[i + 1]) if i + 1 < len(names) else None
+                tensor = ahead.result().to(device=self.device, dtype=self.dtype)
+                ahead = pool.submit(self._decode, names[i + 1]) if i + 1 < len(names) else None
                 yield name, tensor
                 del tensor
                 bar.update(1)

@@ -183,7 +183,7 @@ def test_every_truncation_is_a_format_error(tmp_path):
     write_every_type(tmp_path / "types.gguf")
     data = (tmp_path / "types.gguf").read_bytes()
     end = read_gguf(tmp_path / "types.gguf").data_offset + 40
-    for keep in range(0, end):
+    for keep in range(end):
         (tmp_path / "cut.gguf").write_bytes(data[:keep])
         with pytest.raises(GGUFFormatError, match="cut.gguf"):
             read_gguf(tmp_path / "cut.gguf")
