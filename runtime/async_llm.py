@@ -59,7 +59,7 @@ class AsyncLLM:
     default_max_tokens: what an unset max_tokens means when the checkpoint has no max_new_tokens: None (the
         default, as vLLM's server) = the rest of the context; an int = that many (clamped to the context).
     observer: optional object told about the engine's work, for metrics (server/metrics.py):
-        ``step(stats, generation_tokens)`` after each step and ``finished(state)`` per finished request
+        ``step(stats, generation_tokens)`` after each step and ``request_finished(state)`` per finished request
         (runtime/output_processor.RequestState: prompt length, tokens, times); both are called on the engine
         thread and must be quick.
     """
@@ -78,6 +78,8 @@ class AsyncLLM:
         self._stop = threading.Event()
         self.dead: BaseException | None = None
         self.num_unfinished = 0  # requests accepted and not yet finished or aborted (written by the engine thread)
+        self._submitted = 0  # adds put in the inbox (written by the event loop only)
+        self._received = 0  # adds taken from the inbox (written by the engine thread only)
         self.last_stats: dict = self.core.stats()  # a snapshot the engine thread replaces after each step
         self._thread = threading.Thread(target=self._run, name="qwen2-triton-engine", daemon=True)
         self._thread.start()
@@ -100,6 +102,7 @@ class AsyncLLM:
 
     async def _follow(self, processed: ProcessedPrompt, loop) -> AsyncIterator[RequestOutput]:
         sink: asyncio.Queue = asyncio.Queue()
+        self._submitted += 1
         self._inbox.put(_Add(processed, loop, sink))
         finished = False
         try:
@@ -119,6 +122,10 @@ class AsyncLLM:
 
     def stats(self) -> dict:
         return dict(self.last_stats, unfinished=self.num_unfinished)
+
+    def num_waiting(self) -> int:
+        """Requests not yet running: still in the inbox, or queued in the scheduler (as of the last step)."""
+        return self._submitted - self._received + self.last_stats["waiting"]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -155,6 +162,7 @@ class AsyncLLM:
                 self._abort(item.request_id)
 
     def _add(self, item: _Add) -> None:
+        self._received += 1
         pp = item.processed
         if pp.request_id in self._sinks:
             item.loop.call_soon_threadsafe(item.sink.put_nowait,
@@ -165,12 +173,14 @@ class AsyncLLM:
             self.core.add_request(er)
         self._sinks[pp.request_id] = (item.loop, item.sink)
         self.num_unfinished += 1
+        self.last_stats = self.core.stats()  # counts the new request as waiting at once
 
     def _abort(self, request_id: str) -> None:
         if self._sinks.pop(request_id, None) is None:
             return
         self.core.abort_requests(self.outputs.abort(request_id))
         self.num_unfinished -= 1
+        self.last_stats = self.core.stats()  # the freed blocks show at once, not after the next step
 
     def _step(self) -> None:
         outs = self.core.step()
@@ -195,4 +205,4 @@ class AsyncLLM:
             del self._sinks[state.request_id]
             self.num_unfinished -= 1
             if self.observer is not None:
-                self.observer.finished(state)
+                self.observer.request_finished(state)
