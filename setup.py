@@ -39,6 +39,7 @@ setup(
         "fastapi>=0.110",  # the OpenAI-compatible server (what vLLM and SGLang serve with): validation, routing, SSE
         "uvicorn>=0.29",  # its ASGI server
         "prometheus-client>=0.20",  # /metrics in the format every Prometheus scraper reads
+        "httpx>=0.24",  # bench serve's async client: streams each SSE line as it arrives (openai depends on it too)
     ],
     extras_require={
         "demo": DEMO_PARTS,

@@ -228,13 +228,16 @@ def cmd_kernels_check(a) -> int:
     return check(["--arch", a.arch])
 
 
-BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode] [options]
+BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode | serve] [options]
 
   e2e         random weights in the shapes of Qwen2-0.5B/1.5B/7B and Qwen1.5-4B: batch-1 decode with and without
               CUDA graphs, prefill 1k/4k/16k, offline throughput, HF transformers as the peer (the default on a GPU)
   cpu-decode  the demo model's float32 batch-1 decode against HF transformers (the default without a GPU)
+  serve       an OpenAI-compatible server under load (this one, launched with --launch, or any --base-url):
+              request and token throughput, TTFT / TPOT / ITL mean, p50, p99, /health latency while loaded;
+              --offline-compare sets it against offline LLM.generate on the same requests
 
-'qwen2-triton bench e2e --help' and 'qwen2-triton bench cpu-decode --help' list the options."""
+'qwen2-triton bench e2e --help' (cpu-decode, serve) lists the options."""
 
 
 def cmd_bench(a) -> int:
@@ -242,7 +245,7 @@ def cmd_bench(a) -> int:
     if rest[:1] in (["-h"], ["--help"]):
         print(BENCH_HELP)
         return 0
-    which = rest.pop(0) if rest[:1] in (["e2e"], ["cpu-decode"]) else None
+    which = rest.pop(0) if rest[:1] in (["e2e"], ["cpu-decode"], ["serve"]) else None
     if which is None:
         if "--cpu-decode" in rest:  # the flag of earlier releases
             rest.remove("--cpu-decode")
@@ -255,6 +258,8 @@ def cmd_bench(a) -> int:
                   "'qwen2-triton bench --help' for the other)", file=sys.stderr)
     if which == "e2e":
         from qwen2_triton.bench.e2e import main as bench
+    elif which == "serve":
+        from qwen2_triton.bench.serve import main as bench
     else:
         from qwen2_triton.bench.cpu_decode import main as bench
     return bench(rest)
