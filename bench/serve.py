@@ -97,6 +97,36 @@ def compute_metrics(results: list[RequestResult], duration: float) -> dict:
     return m
 
 
+class OtherCpu:
+    """Cores kept busy by every process except this one and the launched server, over a phase (Linux /proc;
+    NaN elsewhere). On a shared machine this tells a slow run from a crowded one: both phases of
+    --offline-compare carry it, and a ratio taken while others ran is not a ratio of the two paths."""
+
+    def __init__(self, pids=()):
+        self.pids = [os.getpid(), *pids]
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:]]
+            ours = 0
+            for pid in self.pids:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ours += int(fields[11]) + int(fields[12])  # utime + stime, every thread of the process
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user..steal, less idle and iowait
+        return busy / os.sysconf("SC_CLK_TCK"), ours / os.sysconf("SC_CLK_TCK"), time.monotonic()
+
+    def cores(self) -> float:
+        end = self._read()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return math.nan
+        return max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1])) / (end[2] - self.start[2])
+
+
 # --------------------------------------------------------------------------------------------------- prompts
 async def make_prompts(c: httpx.AsyncClient, model: str, n: int, input_len: int, seed: int,
                        source: str) -> list[str]:
@@ -197,7 +227,16 @@ async def probe(c: httpx.AsyncClient, interval: float, stop: asyncio.Event) -> d
     return got
 
 
-async def run_load(a, base_url: str, headers: dict) -> tuple[list[str], list[RequestResult], float, dict]:
+@dataclass
+class LoadRun:
+    prompts: list[str]
+    results: list[RequestResult]
+    duration: float  # first request sent -> last response ended, seconds
+    probes: dict[str, list[float]]  # GET path -> latencies, seconds
+    other_cpu_cores: float
+
+
+async def run_load(a, base_url: str, headers: dict, server_pid: int | None) -> LoadRun:
     timeout = httpx.Timeout(a.timeout, connect=30)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits) as c, \
@@ -218,7 +257,7 @@ async def run_load(a, base_url: str, headers: dict) -> tuple[list[str], list[Req
 
         stop = asyncio.Event()
         probing = asyncio.ensure_future(probe(probe_client, a.probe_interval, stop))
-        start, tasks = time.perf_counter(), []
+        start, tasks, others = time.perf_counter(), [], OtherCpu([server_pid] if server_pid else [])
         for body in bodies:  # Poisson arrivals: exponential gaps at --request-rate per second
             tasks.append(asyncio.ensure_future(gated(body)))
             if a.request_rate != math.inf:
@@ -226,8 +265,9 @@ async def run_load(a, base_url: str, headers: dict) -> tuple[list[str], list[Req
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         stop.set()
+        other_cpu = others.cores()
         probes = await probing
-    return prompts, list(results), duration, probes
+    return LoadRun(prompts, list(results), duration, probes, other_cpu)
 
 
 # ------------------------------------------------------------------------------- launched server, offline run
@@ -261,7 +301,7 @@ def launched_server(serve_args: str, timeout: float):
                     raise RuntimeError(f"the launched server {'exited' if proc.poll() is not None else 'timed out'}"
                                        f" before answering /health:\n{tail}")
                 time.sleep(0.5)
-            yield url
+            yield url, proc.pid
         finally:
             proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown, then the engine's
             try:
@@ -278,8 +318,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def offline_output_throughput(a, prompts: list[str]) -> float:
-    """Output tokens/s of the same prompts through offline LLM.generate / LLM.chat, after one warm-up call."""
+def offline_output_throughput(a, prompts: list[str]) -> tuple[float, float]:
+    """(output tokens/s, OtherCpu cores) of the same prompts through offline LLM.generate / LLM.chat, after one
+    warm-up call."""
     from qwen2_triton import LLM, SamplingParams
     from qwen2_triton.cli import _engine_kwargs
 
@@ -295,9 +336,10 @@ def offline_output_throughput(a, prompts: list[str]) -> float:
         return llm.generate(ps, params)
 
     run(prompts[:1], SamplingParams(max_tokens=min(a.output_len, 4), temperature=a.temperature, ignore_eos=True))
-    t = time.perf_counter()
+    t, others = time.perf_counter(), OtherCpu()
     outs = run(prompts, sp)
-    return sum(len(c.token_ids) for o in outs for c in o.outputs) / (time.perf_counter() - t)
+    tps = sum(len(c.token_ids) for o in outs for c in o.outputs) / (time.perf_counter() - t)
+    return tps, others.cores()
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -317,7 +359,8 @@ def report(m: dict) -> None:
             ("Total generated tokens", m["total_output_tokens"]),
             ("Request throughput (req/s)", m["request_throughput"]),
             ("Output token throughput (tok/s)", m["output_throughput"]),
-            ("Total token throughput (tok/s)", m["total_token_throughput"])]
+            ("Total token throughput (tok/s)", m["total_token_throughput"]),
+            ("Other processes' CPU use (cores)", m["other_cpu_cores"])]
     for name, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
                         ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency"),
                         ("health", "GET /health while loaded"), ("metrics", "GET /metrics while loaded")):
@@ -327,6 +370,7 @@ def report(m: dict) -> None:
     if "offline_output_throughput" in m:
         rows += [("-Offline LLM, same requests-", None),
                  ("Offline output throughput (tok/s)", m["offline_output_throughput"]),
+                 ("Other processes' CPU use (cores)", m["offline_other_cpu_cores"]),
                  ("Server / offline output throughput", m["server_over_offline"])]
     for label, v in rows:
         if v is None:
@@ -381,18 +425,19 @@ def main(argv=None) -> int:
         serve_namespace(a.serve_args)  # a bad flag fails now, not after a minute of loading
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     server = launched_server(a.serve_args, a.launch_timeout) if a.launch else \
-        contextlib.nullcontext((a.base_url or "http://127.0.0.1:8000").rstrip("/"))
-    with server as url:
-        prompts, results, duration, probes = asyncio.run(run_load(a, url, headers))
-    m = compute_metrics(results, duration)
-    for path, values in probes.items():
+        contextlib.nullcontext(((a.base_url or "http://127.0.0.1:8000").rstrip("/"), None))
+    with server as (url, pid):
+        run = asyncio.run(run_load(a, url, headers, pid))
+    m = compute_metrics(run.results, run.duration)
+    m["other_cpu_cores"] = run.other_cpu_cores
+    for path, values in run.probes.items():
         _, p50, p99 = summarize(values)
         m.update({f"p50_{path[1:]}_ms": p50 * 1e3, f"p99_{path[1:]}_ms": p99 * 1e3})
-    for r in results:
+    for r in run.results:
         if not r.ok:
             log.warning("a request failed: %s", r.error)
     if a.offline_compare:
-        m["offline_output_throughput"] = offline_output_throughput(a, prompts)
+        m["offline_output_throughput"], m["offline_other_cpu_cores"] = offline_output_throughput(a, run.prompts)
         m["server_over_offline"] = m["output_throughput"] / m["offline_output_throughput"]
     report(m)
     if a.out:
