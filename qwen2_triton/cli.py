@@ -66,6 +66,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool size in tokens (default: from free GPU memory; min(context, 32768) on CPU)")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt prefixes seen before (chat history, system prompts); "
+                        "default on")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     e.add_argument("--no-tune", dest="tune", action="store_false",
                    help="keep the attention tile heuristics instead of timing candidates at start-up")
@@ -116,7 +119,7 @@ def _fit(params, llm, prompt: str, fallback: int | None):
 
 ENGINE_FLAGS = ("model", "dtype", "device", "kernels", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "kv_cache_tokens", "gpu_memory_utilization", "enforce_eager", "tune", "tuning_cache",
-                "generation_config")
+                "enable_prefix_caching", "generation_config")
 
 
 def _engine_kwargs(a) -> dict:

@@ -29,6 +29,10 @@ class EngineConfig:
         kv_cache_tokens: KV pool size in tokens; default: from free GPU memory x gpu_memory_utilization on CUDA,
             min(max_model_len, 32768) tokens on CPU.
         gpu_memory_utilization: fraction of the GPU's memory the engine may use (weights, activations, KV).
+        enable_prefix_caching: keep the K/V of full prompt blocks after their request ends and reuse them for any
+            later request that starts with the same tokens (runtime/prefix_cache.py), so a chat turn, a shared
+            system prompt or a resent document is prefilled once; a request asking for prompt_logprobs still
+            computes its whole prompt. False: every prompt is prefilled in full.
         enforce_eager: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket at start-up;
             True runs every step eagerly.
         tune: on a GPU, time the attention tile candidates for this model once at start-up (a few seconds) and
@@ -48,6 +52,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tune: bool = True
     tuning_cache: str | None = None
@@ -70,7 +75,7 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
-        for name in ("enforce_eager", "tune", "progress"):
+        for name in ("enable_prefix_caching", "enforce_eager", "tune", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

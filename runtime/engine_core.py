@@ -72,7 +72,7 @@ class EngineCore:
         if hasattr(self.ops, "use_plan"):
             self.ops.use_plan(self.plan)
         num_blocks = self._num_kv_blocks()
-        self.blocks = BlockManager(num_blocks, c.block_size)
+        self.blocks = BlockManager(num_blocks, c.block_size, enable_prefix_caching=c.enable_prefix_caching)
         # Grammars (structured output): nothing is built until a request asks for one.
         self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                                   max_num_seqs=c.max_num_seqs)
@@ -121,6 +121,7 @@ class EngineCore:
 
     def add_request(self, req: EngineRequest) -> None:
         seq = Sequence(next(self._seq_ids), req.request_id, list(req.prompt_ids), req.params, seed=req.seed)
+        seq.kv_key = req.cache_salt  # the prefix-cache key: requests with different keys share no KV block
         self.scheduler.add(seq)
         self.structured.add(seq)  # its grammar (if any) starts compiling, off this thread
 
@@ -143,7 +144,12 @@ class EngineCore:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler produced an empty step with work pending (KV pool too small?)")
             return outputs
-        result = self.runner.run(chunks, self.blocks)
+        try:
+            result = self.runner.run(chunks, self.blocks)
+        except BaseException:  # an error or Ctrl-C mid-step: no half-written block may be reused
+            self.scheduler.step_failed(chunks)
+            raise
+        self.blocks.step_done()
         return outputs + self.scheduler.update_from_output(chunks, result)
 
     def stats(self) -> dict:
@@ -154,7 +160,10 @@ class EngineCore:
             context no graph fits): expected 0, warned about once when it happens;
         padded_eager_decodes: decode steps on the padded buffers without a graph (enforce_eager tests on CPU);
         preemptions: sequences recomputed because the KV pool was full;
-        running, waiting: requests now in the batch and queued; kv_blocks_used, kv_blocks_total: the KV pool."""
+        running, waiting: requests now in the batch and queued; kv_blocks_used, kv_blocks_total: the KV pool
+            (blocks that only hold cached prefixes count as free: they are evicted when needed);
+        prefix_cache_queries, prefix_cache_hits: tokens of admitted requests looked up in the prefix cache, and
+            of those the ones found there, not computed (vLLM's counters; 0 with enable_prefix_caching=False)."""
         graphs = self.runner.decode_graphs
         return {"graph_replays": graphs.replays if graphs else 0,
                 "eager_steps": self.runner.eager_steps,
@@ -163,5 +172,7 @@ class EngineCore:
                 "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
-                "kv_blocks_used": self.blocks.num_blocks - 1 - len(self.blocks.free),
-                "kv_blocks_total": self.blocks.num_blocks - 1}
+                "kv_blocks_used": self.blocks.num_used,
+                "kv_blocks_total": self.blocks.num_blocks - 1,
+                "prefix_cache_queries": self.blocks.prefix_cache_queries,
+                "prefix_cache_hits": self.blocks.prefix_cache_hits}

@@ -17,6 +17,9 @@ class EngineRequest:
     params: SamplingParams  # resolved (checkpoint defaults filled) and validated
     seed: int  # 32-bit seed of the sampler's noise: the request's seed or a random one
     arrival_time: float  # time.monotonic() when the frontend received it
+    # Prefix caching: requests share cached KV blocks only when their cache_salt is equal too (vLLM's name; a tenant
+    # id keeps tenants from timing each other's prompts). The core adds what else changes K/V (the rope mode).
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)

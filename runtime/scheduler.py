@@ -5,6 +5,9 @@ token; an unfinished prefill continues with its next chunk), then waiting ones a
 ``max_num_seqs`` and free KV blocks allow. When a running sequence cannot get the block it needs, the most
 recently admitted one is preempted: its blocks are freed and it is recomputed later (prompt + output so far).
 A request that could never fit in the whole pool is rejected before it is queued, so nothing waits forever.
+With prefix caching, admission first takes the longest run of cached full blocks of the request's tokens
+(runtime/block_manager.py) and the request's first chunk starts after them; each scheduled chunk names the blocks
+it fills, so even a request admitted later in the same step can share them.
 A request whose grammar is still compiling (structured output) is passed over until it is ready, while the ones
 behind it are admitted.
 
@@ -81,7 +84,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 break  # seq itself was preempted: everything after it already was
             self.blocks.grow(seq, seq.num_computed + n)
-            chunks.append(Chunk(seq, seq.num_computed, n))
+            self._add_chunk(chunks, seq, n)
             budget -= n
             i += 1
         unready = []  # waiting for their grammar: they keep their place in the queue
@@ -90,27 +93,39 @@ class Scheduler:
             if self.structured is not None and not self.structured.ready(seq):
                 unready.append(self.waiting.popleft())
                 continue
-            n = min(seq.num_uncomputed, budget)
             # Admission reserves blocks for the whole prompt (+ output so far, after a preemption): admitting
             # on the first chunk alone lets a long prompt be preempted mid-prefill and recomputed over and over.
-            if not self.blocks.can_grow(seq, seq.num_tokens):
+            if not self.blocks.admit(seq):  # takes the cached prefix, if any, and sets num_computed past it
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            chunks.append(Chunk(seq, seq.num_computed, n))
+            n = min(seq.num_uncomputed, budget)
+            self._add_chunk(chunks, seq, n)
             budget -= n
         self.waiting.extendleft(reversed(unready))
         return chunks
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _add_chunk(self, chunks: list[Chunk], seq: Sequence, n: int) -> None:
+        chunks.append(Chunk(seq, seq.num_computed, n))
+        self.blocks.cache_blocks(seq, seq.num_computed + n)
+
+    def step_failed(self, chunks: list[Chunk]) -> None:
+        """The model did not finish the step (an error, Ctrl-C): the blocks it was to fill hold nothing reusable,
+        and a sequence admitted in it may share such a block, so every sequence of the step starts over."""
+        self.blocks.step_failed()
+        for c in reversed(chunks):
+            if c.seq.status is Status.RUNNING:
+                self._preempt(c.seq, count=False)
+
+    def _preempt(self, seq: Sequence, count: bool = True) -> None:
         self.running.remove(seq)
         self.blocks.release(seq)
         self.on_release(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
+        if count:
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:

@@ -27,6 +27,12 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_prompt_scored: int = 1  # prompt positions whose log-probs were produced (position 0 has none)
     num_preemptions: int = 0
+    # Prefix caching (runtime/block_manager.py): anything besides the token ids that changes their K/V (a rope mode,
+    # a salt) goes into kv_key, which starts the hash chain; requests with different keys share no block.
+    kv_key: str = ""
+    block_hashes: list[bytes] = field(default_factory=list)  # hashes of the leading full blocks of all_ids
+    num_hashed_blocks: int = 0  # leading blocks of block_table offered to the prefix cache
+    num_cached_tokens: int = 0  # tokens taken from the prefix cache at the last admission
 
     @property
     def all_ids(self) -> list[int]:

@@ -23,6 +23,11 @@ class EngineMetrics:
         self.preemptions = Gauge(P + "num_preemptions", "Sequences preempted since start-up", labels, registry=r)
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of finished requests", labels, registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", labels, registry=r)
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels, registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)",
+                                   labels, registry=r)
+        self._prefix_seen = (0, 0)  # the engine's running totals already counted
         self.request_success = Counter(P + "request_success", "Requests finished, by reason", labels + ["finished_reason"],
                                 registry=r)
         self.ttft = Histogram(P + "time_to_first_token_seconds", "Arrival to first token", labels,
@@ -41,6 +46,11 @@ class EngineMetrics:
         self.preemptions.labels(m).set(stats["preemptions"])
         if generation_tokens:
             self.generation_tokens.labels(m).inc(generation_tokens)
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+        if (queries, hits) != self._prefix_seen:  # the engine keeps totals; a Counter takes increments
+            self.prefix_queries.labels(m).inc(queries - self._prefix_seen[0])
+            self.prefix_hits.labels(m).inc(hits - self._prefix_seen[1])
+            self._prefix_seen = (queries, hits)
 
     def request_finished(self, state) -> None:
         m, t = self.model, state.metrics
