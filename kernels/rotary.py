@@ -3,8 +3,11 @@
 For a head vector x = [x1, x2] (halves of head_dim) at position p:
     out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin],   cos/sin = attention_factor * cos/sin(p * inv_freq)
 
-The cos/sin table is built once per model (``build_cos_sin_cache``) and indexed by per-token positions, so
-packed batches of different sequences need no special handling.
+The cos/sin tables are built once per model (``build_cos_sin_cache``) and indexed per token, so packed batches
+of different sequences need no special handling. Several tables (plain RoPE for short requests, YaRN for long
+ones) live in one concatenated buffer (``concat_cos_sin``), as vLLM's Phi-3 LongRoPE keeps its short and long
+tables: a token reads row ``position + offset`` where offset is where its request's table starts, so one batch
+(and one captured CUDA graph) mixes requests of both kinds with nothing but a different row index.
 """
 from __future__ import annotations
 
@@ -60,13 +63,24 @@ def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, attention_fa
     return table.to(device) if device is not None else table
 
 
-def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
-    """Plain-torch reference. q: (T, Hq, D), k: (T, Hk, D), positions: (T,) int, cos_sin: (P, D) float32.
+def concat_cos_sin(tables: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
+    """One (sum of P_i, D) buffer holding ``tables`` one after the other, and each table's first row: a token
+    whose request uses table ``name`` reads row ``position + offsets[name]``."""
+    offsets, start = {}, 0
+    for name, t in tables.items():
+        offsets[name] = start
+        start += t.shape[0]
+    return torch.cat(list(tables.values())), offsets
+
+
+def rotary_ref(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, cos_sin: torch.Tensor):
+    """Plain-torch reference. q: (T, Hq, D), k: (T, Hk, D), rows: (T,) int, each token's row of cos_sin (its
+    position plus its table's offset, see ``concat_cos_sin``), cos_sin: (P, D) float32.
 
     Returns new (q, k) in the input dtype; math in float32.
     """
     half = q.shape[-1] // 2
-    cs = cos_sin[positions.long()]  # (T, D)
+    cs = cos_sin[rows.long()]  # (T, D)
     cos, sin = cs[:, None, :half], cs[:, None, half:]
 
     def rot(x):
@@ -78,7 +92,8 @@ def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernel: one program per token rotates all of its q heads and k heads in place, loading the token's
-# cos/sin row once. q and k may be strided views of the fused qkv projection output.
+# cos/sin row (position + table offset, computed by the caller) once. q and k may be strided views of the fused
+# qkv projection output.
 # ---------------------------------------------------------------------------------------------------------------
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -100,32 +115,33 @@ def _rotate_heads(x_ptr, stride_h, n_heads, cos, sin, HALF: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def rotary_kernel(q_ptr, k_ptr, pos_ptr, cs_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+def rotary_kernel(q_ptr, k_ptr, row_ptr, cs_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
                   n_q_heads, n_k_heads, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)  # int64 offsets: token * stride stays exact for any batch size
-    pos = tl.load(pos_ptr + t).to(tl.int64)  # positions past 32k index a table of (32k x factor) rows
+    row = tl.load(row_ptr + t).to(tl.int64)  # rows reach 32k + 128k (plain table, then YaRN's of 32k x factor)
     d = tl.arange(0, HALF)[None, :]
-    cos = tl.load(cs_ptr + pos * stride_cs + d)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d)
+    cos = tl.load(cs_ptr + row * stride_cs + d)
+    sin = tl.load(cs_ptr + row * stride_cs + HALF + d)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, n_q_heads, cos, sin, HALF, BLOCK_HQ)
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, n_k_heads, cos, sin, HALF, BLOCK_HK)
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+def rotary(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, cos_sin: torch.Tensor):
     """Triton rotary, in place. q: (T, Hq, D), k: (T, Hk, D) (unit last stride, any token/head stride, e.g.
-    views of a fused qkv output); positions: (T,) int32/int64; cos_sin: (P, D) float32 from
-    ``build_cos_sin_cache``. Returns (q, k). Positions must be < P (not checked: that would need a device sync).
+    views of a fused qkv output); rows: (T,) int32/int64, each token's row of cos_sin (position + its table's
+    offset); cos_sin: (P, D) float32 from ``build_cos_sin_cache`` or ``concat_cos_sin``. Returns (q, k). Rows
+    must be < P (not checked: that would need a device sync).
     """
     op = "rotary (kernels/rotary.py)"
     check_tensor(op, "q", q, ndim=3)
     check_tensor(op, "k", k, ndim=3, device=q.device)
-    check_tensor(op, "positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
+    check_tensor(op, "rows", rows, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
     check_tensor(op, "cos_sin", cos_sin, ndim=2, dtypes=(torch.float32,), device=q.device)
     n_tokens, n_q_heads, head_dim = q.shape
     check(k.dtype == q.dtype, op, f"k dtype {k.dtype} must equal q dtype {q.dtype}")
     check(k.shape[0] == n_tokens and k.shape[2] == head_dim, op,
           f"k must be (T={n_tokens}, Hk, D={head_dim}), got {tuple(k.shape)}")
-    check(positions.shape[0] == n_tokens, op, f"positions must be ({n_tokens},), got {tuple(positions.shape)}")
+    check(rows.shape[0] == n_tokens, op, f"rows must be ({n_tokens},), got {tuple(rows.shape)}")
     check(cos_sin.shape[1] == head_dim, op, f"cos_sin must be (P, {head_dim}), got {tuple(cos_sin.shape)}")
     half = head_dim // 2
     check(head_dim % 2 == 0 and half >= 1 and half & (half - 1) == 0, op,
@@ -133,7 +149,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: t
     if n_tokens == 0:
         return q, k
     cfg_q, cfg_k = rotary_config(n_q_heads, head_dim), rotary_config(k.shape[1], head_dim)
-    rotary_kernel[(n_tokens,)](q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+    rotary_kernel[(n_tokens,)](q, k, rows, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                cos_sin.stride(0), n_q_heads, k.shape[1], HALF=half, BLOCK_HQ=cfg_q.BLOCK,
                                BLOCK_HK=cfg_k.BLOCK, num_warps=max(cfg_q.num_warps, cfg_k.num_warps))
     return q, k

@@ -7,7 +7,8 @@ The graph (model/qwen2.py) only ever calls ``ops.<name>(...)``; an ``Ops`` objec
 Op contracts (T tokens, H hidden, Hq/Hk heads, D head_dim, I intermediate):
     linear(x (T,in), weight (out,in), bias (out,) or None) -> (T,out)
     rms_norm(x (T,H), weight (H,), eps, residual=None) -> out, or (out, x + residual) with a residual
-    rotary(q (T,Hq,D), k (T,Hk,D), positions (T,), cos_sin (P,D) float32) -> (q, k)  (may work in place)
+    rotary(q (T,Hq,D), k (T,Hk,D), rows (T,), cos_sin (P,D) float32) -> (q, k)  (may work in place);
+        rows: each token's cos/sin row, its position + its rope mode's table offset (kernels/rotary.py)
     swiglu(gate_up (T,2I)) -> (T,I)
     store_kv(k, v (T,Hk,D), k_cache, v_cache (N,block,Hk,D), slot_mapping (T,)) -> None
     attention(q (T,Hq,D), k_cache, v_cache, meta: AttentionMetadata, scale) -> (T,Hq,D)

@@ -52,8 +52,8 @@ class TritonOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         return _rms_norm(x, weight, eps, residual)
 
-    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
-        return _rotary(q, k, positions, cos_sin)
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, cos_sin: torch.Tensor):
+        return _rotary(q, k, rows, cos_sin)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         return _swiglu(gate_up)
