@@ -31,6 +31,11 @@ class RopeConfig:
     attention_factor: float | None = None  # explicit value wins over 0.1*ln(factor)+1
     truncate: bool = True
 
+    @property
+    def scaled(self) -> bool:
+        """config.json asks for a context extension (YaRN)."""
+        return self.type != "default"
+
     def inv_freq_and_attention_factor(self, head_dim: int) -> tuple[torch.Tensor, float]:
         if self.type == "default":
             return default_inv_freq(head_dim, self.theta), 1.0
@@ -64,6 +69,29 @@ class Qwen2Config:
             return max(self.max_position_embeddings,
                        int(self.rope.factor * self.rope.original_max_position_embeddings))
         return self.max_position_embeddings
+
+    @property
+    def plain_max_model_len(self) -> int:
+        """Context of plain RoPE (the checkpoint without its rope_scaling): the original context under YaRN."""
+        if self.rope.scaled and self.rope.original_max_position_embeddings:
+            return self.rope.original_max_position_embeddings
+        return self.max_position_embeddings
+
+    @property
+    def static_rope_mode(self) -> str:
+        """The rope mode HF and vLLM apply to every request: the config as written."""
+        return self.rope.type if self.rope.scaled else "plain"
+
+    def rope_tables(self) -> dict[str, tuple[torch.Tensor, float, int]]:
+        """The cos/sin tables a model keeps, by rope mode: (inv_freq, attention_factor, positions).
+        "plain": the checkpoint's theta without scaling, for plain_max_model_len positions; and with rope_scaling
+        its type ("yarn"): scaled frequencies and attention factor, for max_model_len positions. A request runs
+        under one of them from its first token to its last (runtime/rope_mode.py decides which)."""
+        tables = {"plain": (*RopeConfig(theta=self.rope.theta).inv_freq_and_attention_factor(self.head_dim),
+                            self.plain_max_model_len)}
+        if self.rope.scaled:
+            tables[self.rope.type] = (*self.rope.inv_freq_and_attention_factor(self.head_dim), self.max_model_len)
+        return tables
 
     @property
     def q_size(self) -> int:
@@ -142,7 +170,7 @@ def _parse_rope(raw: dict, source: str) -> RopeConfig:
     factor = params.get("factor")
     if factor is None or not math.isfinite(float(factor)) or float(factor) < 1:
         raise ValueError(f"{source}: YaRN needs a finite rope scaling factor >= 1, got {factor!r}")
-    original = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    original = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings", 32768)
     return RopeConfig(
         theta=theta, type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
         beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),

@@ -1,7 +1,7 @@
 """The Qwen2 graph. It names the math; every op with a kernel comes from ``ops`` (runtime/backend.py).
 
     h = embed(ids)
-    per layer:  x, r = norm1(h, r);  q,k,v = x @ Wqkv + b;  q,k = rope(q,k);  cache <- k,v
+    per layer:  x, r = norm1(h, r);  q,k,v = x @ Wqkv + b;  q,k = rope(q,k, rows);  cache <- k,v
                 a = attn(q, cache);  h = a @ Wo;  x, r = norm2(h, r);  h = swiglu(x @ Wgu) @ Wdown
     x, _ = norm(h, r);  logits = x[rows] @ lm_head
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen2_triton.kernels.attention import AttentionMetadata
-from qwen2_triton.kernels.rotary import build_cos_sin_cache
+from qwen2_triton.kernels.rotary import build_cos_sin_cache, concat_cos_sin
 from qwen2_triton.model.config import Qwen2Config
 
 
@@ -43,8 +43,13 @@ class Qwen2Model:
     def __init__(self, cfg: Qwen2Config, ops, dtype: torch.dtype, device: torch.device):
         self.cfg, self.ops, self.dtype, self.device = cfg, ops, dtype, device
         self.params = {n: torch.empty(s, dtype=dtype, device=device) for n, s in parameter_shapes(cfg).items()}
-        inv_freq, attn_factor = cfg.rope.inv_freq_and_attention_factor(cfg.head_dim)
-        self.cos_sin = build_cos_sin_cache(inv_freq, cfg.max_model_len, attn_factor, device=device)
+        # One buffer, one table per rope mode ("plain", and "yarn" when config.json has rope_scaling): a token
+        # reads row position + rope_offsets[its request's mode], so one batch mixes modes.
+        tables = cfg.rope_tables()
+        self.cos_sin, self.rope_offsets = concat_cos_sin({
+            mode: build_cos_sin_cache(inv_freq, rows, attn_factor, device=device)
+            for mode, (inv_freq, attn_factor, rows) in tables.items()})
+        self.rope_lengths = {mode: rows for mode, (_, _, rows) in tables.items()}  # positions each table covers
         self.scale = cfg.head_dim ** -0.5
 
     @property
@@ -53,11 +58,17 @@ class Qwen2Model:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_rows: torch.Tensor | None) -> torch.Tensor:
-        """input_ids, positions: (T,). Returns float32 logits (len(logits_rows), vocab) for the requested rows
-        (all rows when None)."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_rows: torch.Tensor | None,
+                rope_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (T,). rope_rows: (T,) each token's row of ``cos_sin``, its position plus
+        ``rope_offsets`` of its request's rope mode; None: every token in the config's own mode
+        (cfg.static_rope_mode, as HF runs it). Returns float32 logits (len(logits_rows), vocab) for the requested
+        rows (all rows when None)."""
         cfg, ops, P = self.cfg, self.ops, self.params
         T = input_ids.shape[0]
+        if rope_rows is None:
+            offset = self.rope_offsets[cfg.static_rope_mode]
+            rope_rows = positions + offset if offset else positions
         h = F.embedding(input_ids, P["model.embed_tokens.weight"])  # (T, H)
         residual = None
         for n in range(cfg.num_hidden_layers):
@@ -71,7 +82,7 @@ class Qwen2Model:
             q = q.view(T, cfg.num_attention_heads, cfg.head_dim)  # (T, Hq, D) views into qkv
             k = k.view(T, cfg.num_key_value_heads, cfg.head_dim)
             v = v.view(T, cfg.num_key_value_heads, cfg.head_dim)
-            q, k = ops.rotary(q, k, positions, self.cos_sin)
+            q, k = ops.rotary(q, k, rope_rows, self.cos_sin)
             k_cache, v_cache = kv_caches[n]
             ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             a = ops.attention(q, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)

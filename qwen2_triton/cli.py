@@ -24,11 +24,13 @@ EPILOG = """examples:
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 KERNEL_CHOICES = ("auto", "triton", "torch")
+ROPE_SCALING_CHOICES = ("auto", "static", "none")  # runtime/rope_mode.py
 # API argument -> CLI flag, so that a library error reads in the terms the user typed (see flag_names)
 FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "kernels": "--kernels",
          "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
          "max_num_batched_tokens": "--max-num-batched-tokens", "block_size": "--block-size",
-         "kv_cache_tokens": "--kv-cache-tokens", "gpu_memory_utilization": "--gpu-memory-utilization", "max_tokens": "--max-tokens", "temperature": "--temperature",
+         "kv_cache_tokens": "--kv-cache-tokens", "gpu_memory_utilization": "--gpu-memory-utilization",
+         "rope_scaling": "--rope-scaling", "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 
 
@@ -73,6 +75,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-tune", dest="tune", action="store_false",
                    help="keep the attention tile heuristics instead of timing candidates at start-up")
     e.add_argument("--tuning-cache", default=None, help="tuning cache file (default ~/.cache/qwen2_triton/tuning.json)")
+    e.add_argument("--rope-scaling", default="auto", choices=ROPE_SCALING_CHOICES,
+                   help="for a YaRN checkpoint: auto (default) = plain RoPE for requests that fit the original "
+                        "context, YaRN for longer ones; static = YaRN always (as HF/vLLM); none = never")
     e.add_argument("--generation-config", default="auto", choices=("auto", "none"),
                    help="auto: unset sampling settings take the checkpoint's generation_config.json (default)")
 
@@ -119,7 +124,7 @@ def _fit(params, llm, prompt: str, fallback: int | None):
 
 ENGINE_FLAGS = ("model", "dtype", "device", "kernels", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "kv_cache_tokens", "gpu_memory_utilization", "enforce_eager", "tune", "tuning_cache",
-                "enable_prefix_caching", "generation_config")
+                "enable_prefix_caching", "generation_config", "rope_scaling")
 
 
 def _engine_kwargs(a) -> dict:

@@ -69,7 +69,7 @@ class AsyncLLM:
         self.core = EngineCore(self.config)
         self.inputs = InputProcessor(self.core.tokenizer, self.core.vocab_size, self.core.max_model_len,
                                      self.core.capacity_tokens, self.core.generation_defaults,
-                                     default_max_tokens=default_max_tokens)
+                                     default_max_tokens=default_max_tokens, rope=self.core.rope)
         self.outputs = OutputProcessor(self.core.tokenizer)
         self.observer = observer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -43,14 +43,16 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
         self.block_size = block_size
-        # rows: token ids, positions, cache slots, sequence lengths (int64; one host->device copy per step)
-        self.inputs = torch.zeros((4, self.max_bs), dtype=torch.int64, device=dev)
+        # rows: token ids, positions, cache slots, sequence lengths, rope table rows (position + the sequence's
+        # rope table offset, so one graph serves plain-RoPE and YaRN sequences); int64, one host->device copy
+        self.inputs = torch.zeros((5, self.max_bs), dtype=torch.int64, device=dev)
         self.inputs[3] = 1  # capture-time lengths: one key each
         self.input_ids, self.positions, self.slot_mapping = self.inputs[0], self.inputs[1], self.inputs[2]
+        self.rope_rows = self.inputs[4]
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((self.max_bs, self.max_blocks), DUMMY_BLOCK, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
-        self._host_inputs = torch.zeros((4, self.max_bs), dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._host_inputs = torch.zeros((5, self.max_bs), dtype=torch.int64, pin_memory=dev.type == "cuda")
         self._row_owner = [None] * self.max_bs  # seq_id whose table row i holds on the device, "pad", or None
         self._row_len = [0] * self.max_bs  # entries of that table already on the device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -79,7 +81,8 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         self.seq_lens[:bs].copy_(self.inputs[3, :bs])  # int64 -> int32 on the device, inside the graph
-        return self.model.forward(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.kv_caches, None)
+        return self.model.forward(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.kv_caches, None,
+                                  rope_rows=self.rope_rows[:bs])
 
     def _capture(self) -> None:
         pool = None
@@ -111,8 +114,9 @@ class DecodeGraphs:
         return idx + val
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            block_tables: list[list[int]], seq_ids: list[int]) -> torch.Tensor:
-        """One decode step for n sequences; returns float32 logits (n, vocab).
+            block_tables: list[list[int]], seq_ids: list[int], *, rope_rows: list[int]) -> torch.Tensor:
+        """One decode step for n sequences; returns float32 logits (n, vocab). rope_rows: each token's cos/sin row
+        (position + its sequence's rope table offset, model/qwen2.py ``rope_offsets``).
 
         The host staging buffers are rewritten every step while the previous step's copies may be queued; that
         is safe because every step ends in a host sync (the sampled tokens are read back) before the next one.
@@ -123,7 +127,9 @@ class DecodeGraphs:
         # Padding rows: token 0 at position 0, writing slot 0 of the dummy block, attending to that one slot.
         self._host_inputs[:, :bs] = torch.tensor([input_ids + [0] * pad, positions + [0] * pad,
                                                   slots + [DUMMY_BLOCK * self.block_size] * pad,
-                                                  seq_lens + [1] * pad], dtype=torch.int64)
+                                                  seq_lens + [1] * pad,
+                                                  rope_rows + [0] * pad],
+                                                 dtype=torch.int64)
         self.inputs.copy_(self._host_inputs, non_blocking=True)  # whole buffer: contiguous, so a direct DMA
         updates = self._table_updates(seq_ids, block_tables, bs)
         if updates:

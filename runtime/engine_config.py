@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from qwen2_triton.runtime.rope_mode import ROPE_SCALING_CHOICES
+
 GENERATION_CONFIG_CHOICES = ("auto", "none")
 
 
@@ -22,7 +24,13 @@ class EngineConfig:
         kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch".
         generation_config: "auto" takes temperature/top_p/top_k/repetition_penalty/min_p/max_new_tokens from the
             checkpoint's generation_config.json as defaults for SamplingParams fields left unset; "none" ignores it.
-        max_model_len: longest prompt + output; defaults to the model's context (YaRN-extended if configured).
+        max_model_len: longest prompt + output; defaults to the model's context (YaRN-extended if configured,
+            unless rope_scaling="none").
+        rope_scaling: for a checkpoint whose config.json has rope_scaling (YaRN): "auto" decides per request at
+            admission: plain RoPE when prompt + max_tokens fits original_max_position_embeddings, YaRN beyond
+            (Qwen's model cards advise YaRN only for long inputs); "static" applies YaRN to every request (HF and
+            vLLM behaviour); "none" ignores rope_scaling (context = original_max_position_embeddings). The mode
+            a request ran with is RequestOutput.rope_mode. No effect on a checkpoint without rope_scaling.
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: token budget of one step (longer prompts are prefilled in chunks).
         block_size: tokens per KV-cache block.
@@ -47,6 +55,7 @@ class EngineConfig:
     kernels: str = "auto"
     generation_config: str = "auto"
     max_model_len: int | None = None
+    rope_scaling: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16
@@ -62,6 +71,8 @@ class EngineConfig:
         if self.generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {GENERATION_CONFIG_CHOICES}, "
                              f"got {self.generation_config!r}")
+        if self.rope_scaling not in ROPE_SCALING_CHOICES:
+            raise ValueError(f"rope_scaling must be one of {ROPE_SCALING_CHOICES}, got {self.rope_scaling!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             v = getattr(self, name)
             if not _int(v) or v < 1:

@@ -24,6 +24,7 @@ from qwen2_triton.runtime.engine_config import EngineConfig
 from qwen2_triton.runtime.kernel_plan import AttentionShape, DeviceInfo, choose_dtype, choose_kernels, plan_kernels
 from qwen2_triton.runtime.model_runner import ModelRunner, kv_bytes_per_block, profile_step_memory
 from qwen2_triton.runtime.request import EngineCoreOutput, EngineRequest
+from qwen2_triton.runtime.rope_mode import RopePolicy
 from qwen2_triton.runtime.scheduler import Scheduler
 from qwen2_triton.runtime.sequence import Sequence
 from qwen2_triton.runtime.structured_output import StructuredOutputManager
@@ -64,7 +65,8 @@ class EngineCore:
         self.generation_defaults = loaded.generation_defaults if c.generation_config == "auto" else {}
         cfg = self.model.cfg
         self.vocab_size = cfg.vocab_size
-        self.max_model_len = min(c.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.rope = RopePolicy.of(c.rope_scaling, cfg)  # which RoPE table each request gets
+        self.max_model_len = self.rope.max_model_len(min(c.max_model_len or cfg.max_model_len, cfg.max_model_len))
         # Kernel choices and tuning come before the KV pool is sized and before graphs are captured.
         self.plan = plan_kernels(info, self.dtype, self.ops.name, AttentionShape.of(cfg, c.block_size),
                                  tune_now=c.tune, reasons=reasons, device=self.device,
@@ -94,7 +96,8 @@ class EngineCore:
                 f"decode CUDA graphs for batch sizes {graphs.buckets}" if graphs else
                 "decode runs eagerly (no CUDA device, kernels=torch, or enforce_eager)",
                 f"{cfg.num_hidden_layers} layers, {self.dtype}, {self.device}, kernels={self.ops.name}; KV cache "
-                f"{self.blocks.capacity_tokens} tokens in {self.blocks.num_blocks} blocks of {self.blocks.block_size}"]
+                f"{self.blocks.capacity_tokens} tokens in {self.blocks.num_blocks} blocks of {self.blocks.block_size}",
+                f"context {self.max_model_len} tokens; {self.rope.describe()}"]
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -120,8 +123,15 @@ class EngineCore:
         return self.blocks.capacity_tokens
 
     def add_request(self, req: EngineRequest) -> None:
-        seq = Sequence(next(self._seq_ids), req.request_id, list(req.prompt_ids), req.params, seed=req.seed)
-        seq.kv_key = req.cache_salt  # the prefix-cache key: requests with different keys share no KV block
+        total = len(req.prompt_ids) + req.params.max_tokens
+        mode = req.rope_mode or self.rope.mode_for(total)
+        if total > self.model.rope_lengths.get(mode, -1):  # past its table, a token would read another's rows
+            raise ValueError(f"request {req.request_id!r}: rope_mode {mode!r} covers "
+                             f"{self.model.rope_lengths.get(mode, 0)} tokens (modes: {self.model.rope_lengths}), "
+                             f"the request may reach {total}")
+        seq = Sequence(next(self._seq_ids), req.request_id, list(req.prompt_ids), req.params, seed=req.seed,
+                       rope_mode=mode)
+        seq.kv_key = f"{mode}|{req.cache_salt}"  # prefix-cache key: keys rotated with another table share nothing
         self.scheduler.add(seq)
         self.structured.add(seq)  # its grammar (if any) starts compiling, off this thread
 

@@ -5,7 +5,9 @@ max_tokens takes the checkpoint's max_new_tokens, else the frontend's fallback (
 the context for the server and chat), never more than the context left; a prompt + max_tokens that cannot fit
 the context or the KV pool is refused with the lengths named. A request with n completions becomes n engine
 requests with ids ``{request_id}`` (completion 0) and ``{request_id}#{i}``; completion 0 of a seeded request
-draws exactly the tokens the same request with n=1 draws.
+draws exactly the tokens the same request with n=1 draws. Each request's rope mode is chosen here, from prompt +
+max_tokens (runtime/rope_mode.py): with rope_scaling="auto", "the rest of the context" as an unset max_tokens
+means the rest of plain RoPE's context for a prompt that fits it, so a default does not push it into YaRN.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
 from qwen2_triton.runtime.request import EngineRequest
+from qwen2_triton.runtime.rope_mode import RopePolicy
 from qwen2_triton.runtime.sampling_params import NEUTRAL, SamplingParams
 from qwen2_triton.runtime.structured_output import check_structured_output
 
@@ -31,8 +34,11 @@ class ProcessedPrompt:
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, capacity_tokens: int,
-                 generation_defaults: dict, default_max_tokens: int | None = NEUTRAL["max_tokens"]):
+                 generation_defaults: dict, default_max_tokens: int | None = NEUTRAL["max_tokens"],
+                 rope: RopePolicy | None = None):
+        """rope: the engine's RopePolicy (EngineCore.rope); None leaves each request's mode to the core."""
         self.tokenizer = tokenizer
+        self.rope = rope
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.capacity_tokens = capacity_tokens
@@ -47,7 +53,10 @@ class InputProcessor:
         """An unset max_tokens: the checkpoint's max_new_tokens, else ``fallback`` (REST_OF_CONTEXT = None), at
         most the room left and at least 1 (a prompt with no room left is refused by ``process``)."""
         room = self.room_after(num_prompt_tokens)
-        want = self.generation_defaults.get("max_tokens") or fallback or room
+        rest = room
+        if self.rope is not None and self.rope.mode_for(num_prompt_tokens + 1) == "plain":
+            rest = min(room, self.rope.plain_len - num_prompt_tokens)  # "auto": stay within plain RoPE
+        want = self.generation_defaults.get("max_tokens") or fallback or rest
         return max(1, min(want, room))
 
     def process(self, prompt, params: SamplingParams, request_id: str, index: int = 0,
@@ -68,11 +77,16 @@ class InputProcessor:
             check_structured_output(sp.structured_output)
         total = len(ids) + sp.max_tokens
         if total > self.max_model_len:
+            why = ""
+            if self.rope is not None and self.rope.setting == "none" and self.rope.scaled_mode is not None:
+                why = (f" (rope_scaling='none' keeps the original context of {self.rope.plain_len} tokens; "
+                       f"'auto' or 'static' extends it with {self.rope.scaled_mode})")
             raise ValueError(f"prompt {index}: {len(ids)} prompt tokens + max_tokens {sp.max_tokens} = {total} "
-                             f"exceeds the model's context of {self.max_model_len} tokens")
+                             f"exceeds the model's context of {self.max_model_len} tokens{why}")
         if total > self.capacity_tokens:
             raise ValueError(f"prompt {index}: {total} tokens can never fit the KV cache of "
                              f"{self.capacity_tokens} tokens; raise kv_cache_tokens")
+        rope_mode = self.rope.mode_for(total) if self.rope is not None else None  # n completions share it
         reqs = []
         for i in range(sp.n):
             child = sp if i == 0 else replace(sp, prompt_logprobs=None)  # the prompt is scored once
@@ -81,7 +95,7 @@ class InputProcessor:
             else:
                 seed = seed32(sp.seed) if i == 0 else seed32(f"{sp.seed}#{i}")
             reqs.append(EngineRequest(request_id if i == 0 else f"{request_id}#{i}", tuple(ids), child, seed,
-                                      arrival_time))
+                                      arrival_time, rope_mode=rope_mode))
         return ProcessedPrompt(request_id, text, tuple(ids), reqs)
 
     def prompt_ids(self, prompt, i: int) -> tuple[list[int], str | None]:

@@ -19,7 +19,7 @@ from qwen2_triton.runtime.sampling_params import CompletionOutput, RequestOutput
 
 class LLM:
     """A Qwen2-family model ready to generate. Takes every EngineConfig setting as a keyword (runtime/engine_config.py
-    documents them): model, dtype, device, kernels, generation_config, max_model_len, max_num_seqs,
+    documents them): model, dtype, device, kernels, generation_config, max_model_len, rope_scaling, max_num_seqs,
     max_num_batched_tokens, block_size, kv_cache_tokens, gpu_memory_utilization, enforce_eager, tune,
     tuning_cache, progress. ``llm.plan.describe()`` says which kernels were chosen and why."""
 
@@ -27,7 +27,7 @@ class LLM:
         self.config = EngineConfig(model=model, **kwargs)
         self.core = EngineCore(self.config)
         self.inputs = InputProcessor(self.core.tokenizer, self.core.vocab_size, self.core.max_model_len,
-                                     self.core.capacity_tokens, self.core.generation_defaults)
+                                     self.core.capacity_tokens, self.core.generation_defaults, rope=self.core.rope)
         self.outputs = OutputProcessor(self.core.tokenizer)
         self._ids = itertools.count()
 

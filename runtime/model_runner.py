@@ -66,6 +66,7 @@ class StepInputs:
     """A step's flattened tokens (host lists) and the rows whose logits are needed, with what they are for."""
     ids: list[int] = field(default_factory=list)
     pos: list[int] = field(default_factory=list)
+    rope_rows: list[int] = field(default_factory=list)  # position + the sequence's rope table offset
     slots: list[int] = field(default_factory=list)
     cu: list[int] = field(default_factory=lambda: [0])
     lens: list[int] = field(default_factory=list)
@@ -119,6 +120,8 @@ class ModelRunner:
             base = len(s.ids)
             s.ids.extend(seq.token_slice(c.start, c.start + c.length))
             s.pos.extend(range(c.start, c.start + c.length))
+            off = self.model.rope_offsets[seq.rope_mode]  # the table the sequence's keys were rotated with
+            s.rope_rows.extend(range(c.start + off, c.start + c.length + off))
             s.slots.extend(blocks.slot(seq, p) for p in range(c.start, c.start + c.length))
             s.cu.append(len(s.ids))
             s.lens.append(c.start + c.length)
@@ -140,7 +143,7 @@ class ModelRunner:
         pure_decode = s.max_q == 1 and len(s.row_of) == len(chunks)  # one token per sequence, each sampled
         if graphs is not None and pure_decode and graphs.fits(len(chunks), s.width):
             return graphs.run(s.ids, s.pos, s.slots, s.lens, [c.seq.block_table for c in chunks],
-                              [c.seq.seq_id for c in chunks])
+                              [c.seq.seq_id for c in chunks], rope_rows=s.rope_rows)
         self.eager_steps += 1
         if graphs is not None and pure_decode:
             if not self.eager_decode_fallbacks:
@@ -159,7 +162,8 @@ class ModelRunner:
         # its prompt): its keys and values must land in the cache.
         return self.model.forward(torch.tensor(s.ids, dtype=torch.int64, device=dev),
                                   torch.tensor(s.pos, dtype=torch.int64, device=dev), meta, self.kv_caches,
-                                  torch.tensor(s.logit_rows, dtype=torch.int64, device=dev))
+                                  torch.tensor(s.logit_rows, dtype=torch.int64, device=dev),
+                                  rope_rows=torch.tensor(s.rope_rows, dtype=torch.int64, device=dev))
 
     def _sample(self, logits: torch.Tensor, row_of: list) -> StepResult:
         result = StepResult({}, {}, {})

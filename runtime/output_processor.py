@@ -68,6 +68,7 @@ class RequestState:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     sent_prompt_logprobs: bool = False
     metrics: dict = field(default_factory=dict)  # arrival, first_token, last_token (time.monotonic())
+    rope_mode: str | None = None  # chosen at admission (runtime/rope_mode.py)
 
     @property
     def finished(self) -> bool:
@@ -75,7 +76,8 @@ class RequestState:
 
     def final(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids),
-                             [c.output() for c in self.completions], self.prompt_logprobs, self.finished)
+                             [c.output() for c in self.completions], self.prompt_logprobs, self.finished,
+                             rope_mode=self.rope_mode)
 
     def take_delta(self) -> RequestOutput | None:
         """A RequestOutput holding only what is new (per completion, by its index); None if nothing is."""
@@ -85,7 +87,7 @@ class RequestState:
             return None
         self.sent_prompt_logprobs = True
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs,
-                             self.prompt_logprobs if first else None, self.finished)
+                             self.prompt_logprobs if first else None, self.finished, rope_mode=self.rope_mode)
 
 
 class OutputProcessor:
@@ -105,7 +107,7 @@ class OutputProcessor:
                 logprobs=[] if sp.logprobs is not None else None))
         state = RequestState(request_id, prompt, list(first.prompt_ids), comps,
                              [None] if first.params.prompt_logprobs is not None else None,
-                             metrics={"arrival": arrival_time})
+                             metrics={"arrival": arrival_time}, rope_mode=first.rope_mode)
         self.requests[request_id] = state
         for c in comps:
             self._by_engine_id[c.engine_id] = (state, c)

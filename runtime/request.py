@@ -17,6 +17,10 @@ class EngineRequest:
     params: SamplingParams  # resolved (checkpoint defaults filled) and validated
     seed: int  # 32-bit seed of the sampler's noise: the request's seed or a random one
     arrival_time: float  # time.monotonic() when the frontend received it
+    # "plain" | "yarn": the RoPE table this request runs with from its first token to its last (runtime/rope_mode.py,
+    # chosen at admission); its keys are rotated with it, so it belongs to the prefix-cache key too. None: the
+    # engine core applies its rope_scaling setting itself.
+    rope_mode: str | None = None
     # Prefix caching: requests share cached KV blocks only when their cache_salt is equal too (vLLM's name; a tenant
     # id keeps tenants from timing each other's prompts). The core adds what else changes K/V (the rope mode).
     cache_salt: str = ""

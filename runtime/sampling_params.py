@@ -122,6 +122,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     prompt_logprobs: list[dict[int, float] | None] | None = None
     finished: bool = True
+    rope_mode: str | None = None  # "plain" | "yarn": the RoPE the request ran with (EngineConfig.rope_scaling)
 
     # Shortcuts to the single completion, for users who think of one output per prompt.
     @property

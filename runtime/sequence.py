@@ -21,6 +21,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams  # resolved and validated
     seed: int  # 32-bit seed for the sampler's noise (the request's seed, or a random one)
+    rope_mode: str = "plain"  # RoPE table of every token, never changed (runtime/rope_mode.py)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)

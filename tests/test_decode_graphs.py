@@ -85,8 +85,9 @@ class _RecordingModel:
 
     device = torch.device("cpu")
 
-    def forward(self, ids, positions, meta, kv_caches, logit_rows):
+    def forward(self, ids, positions, meta, kv_caches, logit_rows, rope_rows):
         self.tables, self.lens, self.slots = meta.block_tables.clone(), meta.seq_lens.clone(), meta.slot_mapping.clone()
+        self.rope_rows = rope_rows.clone()
         return torch.zeros(ids.shape[0], 3)
 
 
@@ -96,11 +97,13 @@ def test_block_tables_follow_growth_departures_and_preemption():
     m = _RecordingModel()
     g = DecodeGraphs(m, None, max_num_seqs=4, max_model_len=64, block_size=8, use_graphs=False)
 
-    def step(seqs):  # seqs: [(seq_id, table, length)]
+    def step(seqs):  # seqs: [(seq_id, table, length)]; odd ids stand for YaRN sequences (rope table offset 64)
+        rope_rows = [n - 1 + 64 * (sid % 2) for sid, _, n in seqs]
         g.run([1] * len(seqs), [n - 1 for _, _, n in seqs], [t[-1] * 8 for _, t, _ in seqs], [n for *_, n in seqs],
-              [t for _, t, _ in seqs], [sid for sid, _, _ in seqs])
+              [t for _, t, _ in seqs], [sid for sid, _, _ in seqs], rope_rows=rope_rows)
         for row, (_, table, n) in enumerate(seqs):
             assert m.tables[row, : len(table)].tolist() == table and m.lens[row].item() == n
+        assert m.rope_rows[: len(seqs)].tolist() == rope_rows and not m.rope_rows[len(seqs):].any()  # pads: row 0
         assert m.lens.dtype == torch.int32
 
     step([(7, [3, 4], 12), (9, [5], 3)])

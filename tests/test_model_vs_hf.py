@@ -1,4 +1,8 @@
-"""The whole model against HF transformers on tiny random checkpoints of every seed shape (torch backend)."""
+"""The whole model against HF transformers on tiny random checkpoints of every seed shape (torch backend).
+
+HF applies a checkpoint's rope_scaling (YaRN) to every input, so these engines run with rope_scaling="static"; the
+default "auto" would run these prompts, shorter than the original context, with plain RoPE
+(tests/test_rope_scaling.py checks that against HF without rope_scaling)."""
 from __future__ import annotations
 
 import pytest
@@ -52,7 +56,7 @@ def our_prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
                          ids=["default-new", "yarn-new", "default-legacy", "yarn-legacy"])
 def test_prompt_logprobs_match_hf(ckpt_factory, seed, yarn, legacy):
     path, hf = ckpt_factory(seed, yarn, legacy, shards=(seed == "qwen2-7b"))
-    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False)
+    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, rope_scaling="static")
     ids = long_prompt(llm.tokenizer)
     ours, ref = our_prompt_logprobs(llm, ids), hf_prompt_logprobs(hf, ids)
     assert ref.std() > 0.3  # the random model is far from uniform, so a dropped term would show
@@ -62,7 +66,7 @@ def test_prompt_logprobs_match_hf(ckpt_factory, seed, yarn, legacy):
 def test_dropped_bias_is_caught(ckpt_factory):
     """The parity check above can fail: zeroing the q/k/v bias of one layer moves log-probs well past TOL."""
     path, hf = ckpt_factory("qwen2-0.5b")
-    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False)
+    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, rope_scaling="static")
     ids = long_prompt(llm.tokenizer, 100)
     llm.model.params["model.layers.1.self_attn.qkv_proj.bias"].zero_()
     assert (our_prompt_logprobs(llm, ids) - hf_prompt_logprobs(hf, ids)).abs().max() > 50 * TOL
@@ -70,8 +74,8 @@ def test_dropped_bias_is_caught(ckpt_factory):
 
 def test_chunked_prefill_and_packed_batch_match_hf(ckpt_factory):
     path, hf = ckpt_factory("qwen2-1.5b", yarn=True)
-    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, max_num_batched_tokens=96,
-              block_size=16)
+    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, rope_scaling="static",
+              max_num_batched_tokens=96, block_size=16)
     base = long_prompt(llm.tokenizer, 250)
     prompts = [base[:250], base[7:90], base[3:4] + base[50:211]]
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))
@@ -83,7 +87,8 @@ def test_chunked_prefill_and_packed_batch_match_hf(ckpt_factory):
 
 def test_greedy_generation_matches_hf_and_batch_matches_single(ckpt_factory):
     path, hf = ckpt_factory("qwen1.5-4b")
-    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, max_num_batched_tokens=64)
+    llm = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, rope_scaling="static",
+              max_num_batched_tokens=64)
     prompts = [llm.tokenizer.encode(t) for t in ("Hello world, this is", "def add(a, b):", "北京是")]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     batch = llm.generate(prompts, params)
@@ -103,12 +108,13 @@ def test_triton_backend_matches_hf(ckpt_factory, seed, yarn, legacy):
     cache offset, then split-KV decode steps, agree with HF and with the torch backend."""
     path, hf = ckpt_factory(seed, yarn, legacy, shards=(seed == "qwen2-7b"))
     tri = LLM(path, dtype="float32", device="cpu" if not torch.cuda.is_available() else None, kernels="triton",
-              progress=False, max_num_batched_tokens=128)
+              progress=False, rope_scaling="static", max_num_batched_tokens=128)
     assert tri.ops.name == "triton"
     ids = long_prompt(tri.tokenizer)
     params = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0, ignore_eos=True)
     out = tri.generate(ids, params)[0]
     ours = torch.tensor([d[t] for d, t in zip(out.prompt_logprobs[1:], ids[1:])], dtype=torch.float64)
     torch.testing.assert_close(ours, hf_prompt_logprobs(hf, ids), atol=TOL, rtol=0)
-    ref = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False).generate(ids, params)[0]
+    ref = LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False,
+              rope_scaling="static").generate(ids, params)[0]
     assert out.token_ids == ref.token_ids
