@@ -21,17 +21,21 @@ SEEDS = {
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
-def hf_config(seed: str, yarn: bool = False, layers: int = 2, intermediate: int = 136):
+def hf_config(seed: str, yarn: bool = False, layers: int = 2, intermediate: int = 136,
+              yarn_original: int = YARN["original_max_position_embeddings"]):
+    """yarn_original: YaRN's original_max_position_embeddings, also max_position_embeddings as in the releases (a
+    small one lets a CPU test run requests on both sides of it)."""
     from transformers import Qwen2Config
 
     heads, kv, head_dim, vocab, tied, theta = SEEDS[seed]
     hidden = 8 * heads  # divisible by the head count, as config validation wants, and small
     rope = {"rope_type": "default", "rope_theta": theta}
     if yarn:
-        rope = {**YARN, "rope_theta": theta}
+        rope = {**YARN, "original_max_position_embeddings": yarn_original, "rope_theta": theta}
     return Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=32768,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+        max_position_embeddings=yarn_original if yarn else 32768,
         rms_norm_eps=1e-6, tie_word_embeddings=tied, rope_parameters=rope, use_sliding_window=False,
         sliding_window=131072, bos_token_id=151643, eos_token_id=151643, architectures=["Qwen2ForCausalLM"],
     )
@@ -51,11 +55,12 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_checkpoint(path: str, seed: str, tokenizer_dir: str, yarn: bool = False, legacy_layout: bool = False,
-                    rng_seed: int = 0, shards: bool = False):
+                    rng_seed: int = 0, shards: bool = False,
+                    yarn_original: int = YARN["original_max_position_embeddings"]):
     """Write a tiny checkpoint to ``path`` and return the HF model (float32, eval) that is its oracle."""
     from transformers import Qwen2ForCausalLM
 
-    cfg = hf_config(seed, yarn=yarn)
+    cfg = hf_config(seed, yarn=yarn, yarn_original=yarn_original)
     model = Qwen2ForCausalLM(cfg).eval()
     randomize(model, rng_seed)
     model.save_pretrained(path, max_shard_size="2MB" if shards else "5GB")
