@@ -17,6 +17,7 @@ EPILOG = """examples:
   qwen2-triton kernels check --arch sm_80,sm_90
   qwen2-triton bench e2e --models qwen2-7b --out bench/results/e2e.csv
   qwen2-triton bench cpu-decode
+  qwen2-triton bench prefix                              # TTFT of a multi-turn chat, prefix cache on/off
   qwen2-triton env
 """
 # The flag choices are checked by argparse, before the model loads (runtime/kernel_plan.py holds the same lists;
@@ -236,11 +237,13 @@ def cmd_kernels_check(a) -> int:
     return check(["--arch", a.arch])
 
 
-BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode | serve] [options]
+BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode | prefix | serve] [options]
 
   e2e         random weights in the shapes of Qwen2-0.5B/1.5B/7B and Qwen1.5-4B: batch-1 decode with and without
               CUDA graphs, prefill 1k/4k/16k, offline throughput, HF transformers as the peer (the default on a GPU)
   cpu-decode  the demo model's float32 batch-1 decode against HF transformers (the default without a GPU)
+  prefix      a multi-turn chat over a ~2,000-token system prompt: time to first token and prompt tokens
+              computed per turn, with and without prefix caching
   serve       an OpenAI-compatible server under load (this one, launched with --launch, or any --base-url):
               request and token throughput, TTFT / TPOT / ITL mean, p50, p99, /health latency while loaded;
               --offline-compare sets it against offline LLM.generate on the same requests
@@ -253,7 +256,7 @@ def cmd_bench(a) -> int:
     if rest[:1] in (["-h"], ["--help"]):
         print(BENCH_HELP)
         return 0
-    which = rest.pop(0) if rest[:1] in (["e2e"], ["cpu-decode"], ["serve"]) else None
+    which = rest.pop(0) if rest[:1] in (["e2e"], ["cpu-decode"], ["prefix"], ["serve"]) else None
     if which is None:
         if "--cpu-decode" in rest:  # the flag of earlier releases
             rest.remove("--cpu-decode")
@@ -266,6 +269,8 @@ def cmd_bench(a) -> int:
                   "'qwen2-triton bench --help' for the other)", file=sys.stderr)
     if which == "e2e":
         from qwen2_triton.bench.e2e import main as bench
+    elif which == "prefix":
+        from qwen2_triton.bench.prefix import main as bench
     elif which == "serve":
         from qwen2_triton.bench.serve import main as bench
     else:
