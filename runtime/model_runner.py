@@ -13,9 +13,9 @@ from qwen2_triton.kernels.attention import AttentionMetadata
 from qwen2_triton.model.qwen2 import Qwen2Model
 from qwen2_triton.runtime.block_manager import BlockManager
 from qwen2_triton.runtime.decode_graphs import DecodeGraphs
-from qwen2_triton.runtime.sampler import SamplingTensors, sample, top_logprobs
+from qwen2_triton.runtime.sampler import top_logprobs
+from qwen2_triton.runtime.sampling_state import SamplingState
 from qwen2_triton.runtime.scheduler import Chunk
-from qwen2_triton.runtime.token_history import TokenHistory
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class StepInputs:
     lens: list[int] = field(default_factory=list)
     logit_rows: list[int] = field(default_factory=list)
     row_of: list[tuple] = field(default_factory=list)  # ("sample", seq, None) | ("prompt", seq, prompt index)
+    sample_rows: list[int] = field(default_factory=list)  # indices into row_of (and the logits) of the "sample" rows
+    sample_seqs: list = field(default_factory=list)  # ... and their sequences
     max_q: int = 0
     max_k: int = 0
     width: int = 0  # longest block table
@@ -98,20 +100,21 @@ class ModelRunner:
                                               use_graphs=True)
         self.eager_steps = 0  # steps that ran without a graph: prefill and mixed steps, and the fallbacks below
         self.eager_decode_fallbacks = 0  # pure decode steps that ran eagerly although graphs were captured
-        self.history = TokenHistory(max_num_seqs, model.cfg.vocab_size, self.device)  # penalty state
+        # sampling settings, seeds, output indices and penalty histories, per running sequence on the device
+        self.sampling = SamplingState(max_num_seqs, model.cfg.vocab_size, max_model_len, self.device)
 
     def release(self, seq) -> None:
         """The sequence left the running set (finished or preempted)."""
-        self.history.release(seq)
+        self.sampling.release(seq)
         if self.decode_graphs is not None:
             self.decode_graphs.forget(seq.seq_id)
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
         """Prepare the step's inputs, run the model (a captured decode graph when one fits) and sample."""
         step = self._prepare(chunks, blocks)
-        with self.model.ops.step_context():
+        with self.model.ops.step_context(), torch.inference_mode():  # the sampler writes the step's logits in place
             logits = self._execute(chunks, step)
-            return self._sample(logits, step.row_of)
+            return self._sample(logits, step)
 
     def _prepare(self, chunks: list[Chunk], blocks: BlockManager) -> "StepInputs":
         s = StepInputs()
@@ -133,6 +136,8 @@ class ModelRunner:
                     s.logit_rows.append(base + p - c.start)
                     s.row_of.append(("prompt", seq, p + 1))
             if c.samples:
+                s.sample_rows.append(len(s.row_of))
+                s.sample_seqs.append(seq)
                 s.logit_rows.append(base + c.length - 1)
                 s.row_of.append(("sample", seq, None))
         s.width = max(len(c.seq.block_table) for c in chunks)
@@ -165,29 +170,28 @@ class ModelRunner:
                                   torch.tensor(s.logit_rows, dtype=torch.int64, device=dev),
                                   rope_rows=torch.tensor(s.rope_rows, dtype=torch.int64, device=dev))
 
-    def _sample(self, logits: torch.Tensor, row_of: list) -> StepResult:
+    def _sample(self, logits: torch.Tensor, s: "StepInputs") -> StepResult:
         result = StepResult({}, {}, {})
+        row_of = s.row_of
         if not row_of:
             return result
-        sample_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "sample"]
-        prompt_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "prompt"]
-        need_logprobs = prompt_idx or any(row_of[i][1].params.logprobs is not None for i in sample_idx)
+        seqs, sample_idx = s.sample_seqs, s.sample_rows
+        prompt_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "prompt"] \
+            if len(sample_idx) < len(row_of) else []
+        batch = self.sampling.batch(seqs) if seqs else None  # settings on the device, reused while it repeats
+        need_logprobs = prompt_idx or (batch is not None and batch.logprobs is not None)
         logprobs = logits.log_softmax(-1) if need_logprobs else None
-        if sample_idx:
-            seqs = [row_of[i][1] for i in sample_idx]
-            sl = logits[sample_idx]  # a copy: a decode graph's output buffer is never written
-            if self.structured is not None:  # grammar rows: -inf outside the grammar, before any sampling step
+        if seqs:
+            # The step's logits are its own (a fresh tensor, or a decode graph's output buffer, which the next replay
+            # rewrites), so grammar masks and penalties are written into them; the log-probs were taken above.
+            every = len(sample_idx) == logits.shape[0]  # every row samples (a decode step): no gather, no copy
+            sl = logits if every else logits[sample_idx]
+            if batch.grammar and self.structured is not None:  # -inf outside the grammar, before any sampling step
                 self.structured.apply_masks(sl, seqs)
-            st = self._sampling_tensors(seqs, sl.shape[-1])
-            tokens = sample(sl, st)
-            if st.history_rows is not None:
-                self.history.record(st.history_rows, tokens)
-            tok_list = tokens.tolist()
-            for seq, t in zip(seqs, tok_list):
-                result.tokens[seq.seq_id] = t
-            k = max((s.params.logprobs or 0) for s in seqs)
-            if any(s.params.logprobs is not None for s in seqs):
-                chosen, ids, vals = top_logprobs(logprobs[sample_idx], tokens, k)
+            tokens, tok_list = self.sampling.sample(sl, batch)
+            result.tokens = dict(zip(batch.key, tok_list))
+            if batch.logprobs is not None:
+                chosen, ids, vals = top_logprobs(logprobs if every else logprobs[sample_idx], tokens, batch.logprobs)
                 chosen = chosen.tolist()
                 ids, vals = (ids.tolist(), vals.tolist()) if ids is not None else (None, None)
                 for j, seq in enumerate(seqs):
@@ -211,31 +215,3 @@ class ModelRunner:
                 d[seq.prompt_ids[row_of[i][2]]] = chosen[j]
                 result.prompt_logprobs.setdefault(seq.seq_id, []).append(d)
         return result
-
-    def _sampling_tensors(self, seqs, vocab: int) -> SamplingTensors:
-        dev = self.device
-        p = [s.params for s in seqs]
-
-        def f32(vals):
-            return torch.tensor(vals, dtype=torch.float32, device=dev)
-
-        t = SamplingTensors(
-            temperature=f32([x.temperature for x in p]),
-            top_k=torch.tensor([x.top_k if x.top_k > 0 else vocab for x in p], dtype=torch.int64, device=dev),
-            top_p=f32([x.top_p for x in p]),
-            min_p=f32([x.min_p for x in p]),
-            repetition_penalty=f32([x.repetition_penalty for x in p]),
-            presence_penalty=f32([x.presence_penalty for x in p]),
-            frequency_penalty=f32([x.frequency_penalty for x in p]),
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-            steps=torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.int64, device=dev),
-            all_greedy=all(x.temperature == 0 for x in p),
-        )
-        rep = any(x.repetition_penalty != 1.0 for x in p)
-        freq = any(x.presence_penalty or x.frequency_penalty for x in p)
-        if rep or freq:
-            rows = self.history.rows(seqs)
-            t.seen_mask = self.history.seen[rows] if rep else None
-            t.output_counts = self.history.counts[rows] if freq else None
-            t.history_rows = rows
-        return t

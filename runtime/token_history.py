@@ -1,54 +1,73 @@
-"""Per-sequence token history on the device, for the repetition, presence and frequency penalties.
+"""Per-slot token history on the device, for the repetition, presence and frequency penalties.
 
-Each running sequence that needs penalties holds one row of two (rows, vocab) tables: ``seen`` (prompt and
-output tokens) and ``counts`` (output tokens). A row is filled once when the sequence first samples (from its
-prompt and any output it already has, e.g. after a preemption), then updated with one scatter per sampled
-token, so a step does no host work proportional to sequence length. Rows are returned when the scheduler
-finishes or preempts the sequence.
+Each running sequence owns a slot (runtime/sampling_state.py); one that needs penalties has, here, that slot's row
+of ``ids`` (max_len,) int32: its prompt and output token ids, written once when the slot is filled (from the prompt
+and any output it already has, e.g. after a preemption) and then one token per step, on the device. Past its
+length the row repeats its first token. The penalties then touch only the history's columns (gather, penalise,
+scatter: O(batch x longest history) per step instead of several passes over (batch, vocab)); a repeated or
+padding column computes the same value as the column it repeats, so the scatter's duplicate writes agree.
+Presence/frequency penalties also keep ``counts`` (slots, vocab) float32 of output occurrences. Both tables are
+allocated when a request first needs them: workloads without penalties never pay for them.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 class TokenHistory:
-    def __init__(self, num_rows: int, vocab: int, device: torch.device):
-        self.num_rows, self.vocab, self.device = num_rows, vocab, device
-        self.seen: torch.Tensor | None = None  # allocated on first use: most workloads without penalties
-        self.counts: torch.Tensor | None = None  # never pay for them
-        self.free = list(range(num_rows))
-        self.row_of: dict[int, int] = {}  # seq_id -> row
+    def __init__(self, num_slots: int, vocab: int, max_len: int, device: torch.device):
+        self.num_slots, self.vocab, self.max_len, self.device = num_slots, vocab, max_len, device
+        self.ids: torch.Tensor | None = None  # (slots, max_len) int32
+        self.counts: torch.Tensor | None = None  # (slots, vocab) float32
+        self.length = np.zeros(num_slots, dtype=np.int64)  # tokens in each slot's history (host mirror)
+        self.kept = np.zeros(num_slots, dtype=np.int64)  # 1 where the slot's sequence has a history here
 
-    def rows(self, seqs) -> torch.Tensor:
-        """The rows of these sequences, (B,) int64 on the device, filling rows for newcomers."""
-        if self.seen is None:
-            self.seen = torch.zeros(self.num_rows, self.vocab, dtype=torch.bool, device=self.device)
-            self.counts = torch.zeros(self.num_rows, self.vocab, dtype=torch.float32, device=self.device)
-        out = []
-        for s in seqs:
-            row = self.row_of.get(s.seq_id)
-            if row is None:
-                if not self.free:
-                    raise RuntimeError("more sequences need penalty rows than max_num_seqs; release() missing?")
-                row = self.row_of[s.seq_id] = self.free.pop()
-                self._fill(row, s.prompt_ids, s.output_ids)
-            out.append(row)
-        return torch.tensor(out, dtype=torch.int64, device=self.device)
+    def fill(self, slots: list[int], prompts: list[list[int]], outputs: list[list[int]], counts: bool) -> None:
+        """Write these slots' histories (prompt + output so far) with one host->device copy. ``counts``: some of
+        them need output counts (presence/frequency penalties)."""
+        dev = self.device
+        if self.ids is None:
+            self.ids = torch.zeros(self.num_slots, self.max_len, dtype=torch.int32, device=dev)
+        if counts and self.counts is None:
+            self.counts = torch.zeros(self.num_slots, self.vocab, dtype=torch.float32, device=dev)
+        lens = np.array([len(p) + len(o) for p, o in zip(prompts, outputs)], dtype=np.int64)
+        n_out = np.array([len(o) for o in outputs], dtype=np.int64)
+        rows = np.repeat(np.asarray(slots, dtype=np.int64), lens)
+        cols = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        toks = np.fromiter((t for p, o in zip(prompts, outputs) for t in (*p, *o)), dtype=np.int64,
+                           count=int(lens.sum()))
+        is_out = cols >= np.repeat(lens - n_out, lens)
+        host = torch.from_numpy(np.stack([rows * self.max_len + cols, toks, rows, is_out]))
+        flat_idx, toks_d, rows_d, is_out_d = host.to(dev, non_blocking=True).unbind(0)
+        slot_t = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
+        first = torch.tensor([p[0] for p in prompts], dtype=torch.int32).to(dev, non_blocking=True)
+        self.ids.index_copy_(0, slot_t, first[:, None].expand(-1, self.max_len).contiguous())  # padding
+        self.ids.view(-1).index_copy_(0, flat_idx, toks_d.to(torch.int32))
+        self.length[slots] = lens
+        self.kept[slots] = 1
+        if self.counts is not None:
+            self.counts.index_fill_(0, slot_t, 0.0)
+            self.counts.index_put_((rows_d, toks_d), is_out_d.float(), accumulate=True)
 
-    def _fill(self, row: int, prompt: list[int], output: list[int]) -> None:
-        self.seen[row].zero_()
-        self.counts[row].zero_()
-        self.seen[row, torch.tensor(prompt + output, dtype=torch.int64, device=self.device)] = True
-        if output:
-            out = torch.tensor(output, dtype=torch.int64, device=self.device)
-            self.counts[row].index_add_(0, out, torch.ones(len(output), device=self.device))
+    def forget(self, slots: list[int]) -> None:
+        """Slots taken by sequences without penalties: their rows only ever take harmless writes (a batch that
+        mixes them with penalised rows gives them neutral penalties), and must not widen a gather."""
+        self.length[slots] = 0
+        self.kept[slots] = 0
 
-    def record(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Each row sampled one more token (rows are distinct within a step)."""
-        self.seen[rows, tokens] = True
-        self.counts[rows, tokens] += 1
+    def gather(self, slots: torch.Tensor, slots_np: np.ndarray, counts: bool):
+        """(B, L) int64 history ids of these slots, L the longest of them, and their output counts (B, L) float32
+        (or None)."""
+        width = max(1, int(self.length[slots_np].max()))
+        ids = self.ids[:, :width].index_select(0, slots).long()
+        c = self.counts[slots[:, None], ids] if counts else None
+        return ids, c
 
-    def release(self, seq) -> None:
-        row = self.row_of.pop(seq.seq_id, None)
-        if row is not None:
-            self.free.append(row)
+    def record(self, slots: torch.Tensor, slots_np: np.ndarray, positions: torch.Tensor,
+               tokens: torch.Tensor) -> None:
+        """Each slot drew one more token, which goes at these history positions (slots are distinct in a step)."""
+        self.ids[slots, positions] = tokens.to(torch.int32)
+        if self.counts is not None:
+            self.counts[slots, tokens] += 1
+        self.length[slots_np] += self.kept[slots_np]

@@ -277,7 +277,7 @@ def test_penalties_follow_the_history_across_steps_batches_and_preemption(ckpt_a
     outs = tight.generate(["x y z", prompt, "hello there", "a b"], [others[0], sp, others[1], others[2]])
     assert outs[1].token_ids == want
     assert tight.stats()["preemptions"] > 0
-    assert tight.runner.history.row_of == {}  # every row came back
+    assert tight.runner.sampling.slot_of == {}  # every slot came back
 
 
 def test_interleaved_streams_each_match_generate(llm):
