@@ -18,6 +18,7 @@ EPILOG = """examples:
   qwen2-triton bench e2e --models qwen2-7b --out bench/results/e2e.csv
   qwen2-triton bench cpu-decode
   qwen2-triton bench prefix                              # TTFT of a multi-turn chat, prefix cache on/off
+  qwen2-triton bench host                                # host work per decode step (no model, any CPU)
   qwen2-triton env
 """
 # The flag choices are checked by argparse, before the model loads (runtime/kernel_plan.py holds the same lists;
@@ -237,7 +238,7 @@ def cmd_kernels_check(a) -> int:
     return check(["--arch", a.arch])
 
 
-BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode | prefix | serve] [options]
+BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode | prefix | serve | host] [options]
 
   e2e         random weights in the shapes of Qwen2-0.5B/1.5B/7B and Qwen1.5-4B: batch-1 decode with and without
               CUDA graphs, prefill 1k/4k/16k, offline throughput, HF transformers as the peer (the default on a GPU)
@@ -247,6 +248,8 @@ BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode | prefix | serve] [o
   serve       an OpenAI-compatible server under load (this one, launched with --launch, or any --base-url):
               request and token throughput, TTFT / TPOT / ITL mean, p50, p99, /health latency while loaded;
               --offline-compare sets it against offline LLM.generate on the same requests
+  host        the engine's host work per decode step (schedule, inputs, sample, output processing) at batch
+              1/64/256, greedy and sampled, with the model's forward a no-op: runs on any CPU
 
 'qwen2-triton bench e2e --help' (cpu-decode, serve) lists the options."""
 
@@ -256,7 +259,7 @@ def cmd_bench(a) -> int:
     if rest[:1] in (["-h"], ["--help"]):
         print(BENCH_HELP)
         return 0
-    which = rest.pop(0) if rest[:1] in (["e2e"], ["cpu-decode"], ["prefix"], ["serve"]) else None
+    which = rest.pop(0) if rest[:1] in (["e2e"], ["cpu-decode"], ["prefix"], ["serve"], ["host"]) else None
     if which is None:
         if "--cpu-decode" in rest:  # the flag of earlier releases
             rest.remove("--cpu-decode")
@@ -273,6 +276,8 @@ def cmd_bench(a) -> int:
         from qwen2_triton.bench.prefix import main as bench
     elif which == "serve":
         from qwen2_triton.bench.serve import main as bench
+    elif which == "host":
+        from qwen2_triton.bench.host import main as bench
     else:
         from qwen2_triton.bench.cpu_decode import main as bench
     return bench(rest)
