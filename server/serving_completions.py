@@ -125,8 +125,9 @@ async def _stream(req: CompletionRequest, streams: list, rid: str, model: str, t
         if req.stream_options is not None and req.stream_options.include_usage:
             yield event({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield DONE
-    finally:  # the client left early: closing each stream aborts its request
-        for t in tasks:
+    finally:  # the client left early: stop the pumps first (a stream being iterated cannot be closed), then
+        for t in tasks:  # close each stream, which aborts its request
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in streams:
             await s.aclose()

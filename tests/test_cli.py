@@ -129,10 +129,14 @@ class FakeLLM:
     finished nor closed: what would hold KV blocks in the real engine."""
 
     def __init__(self, *scripts, room=1000, defaults=None):
+        from qwen2_triton.runtime.input_processor import InputProcessor
+
         self.scripts, self.room = list(scripts), room
         self.generation_defaults = defaults or {}
         self.tokenizer = SimpleNamespace(encode=lambda text: [0],  # every prompt: one token
                                          apply_chat_template=lambda m, add_generation_prompt: json.dumps(m))
+        # the engine's own max_tokens rule, over a context of ``room`` tokens
+        self.inputs = InputProcessor(self.tokenizer, 10**6, room, room, self.generation_defaults)
         self.prompts, self.params, self.live = [], [], 0
 
     def room_after(self, n):
