@@ -79,17 +79,18 @@ def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton: the cache write (one program per token) and the attention launcher, which validates the paged layout
-# once and dispatches to the prefill (kernels/attention_prefill.py) or split-KV decode
-# (kernels/attention_decode.py) kernel.
+# once and sends each sequence's rows to one kernel: q_len == 1 to the split-KV decode kernel
+# (kernels/attention_decode.py), longer chunks to the prefill kernel (kernels/attention_prefill.py).
 # ---------------------------------------------------------------------------------------------------------------
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from qwen2_triton.kernels._checks import check, check_tensor  # noqa: E402
 from qwen2_triton.kernels.attention_decode import attention_decode  # noqa: E402
-from qwen2_triton.kernels.attention_prefill import attention_prefill  # noqa: E402
+from qwen2_triton.kernels.attention_prefill import attention_prefill, prefill_grid  # noqa: E402
 from qwen2_triton.kernels.launch import (  # noqa: E402
-    MAX_SPLITS, AttnConfig, num_kv_splits, sm_count_of, store_kv_config)
+    MAX_SPLITS, MIN_KEYS_PER_SPLIT, AttnConfig, capability_of, num_kv_splits, prefill_config, sm_count_of,
+    store_kv_config)
 
 
 @triton.jit
@@ -119,6 +120,9 @@ def _check_cache(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, device: 
     check(k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype, op,
           f"k_cache and v_cache must match: {tuple(k_cache.shape)} {k_cache.dtype} vs "
           f"{tuple(v_cache.shape)} {v_cache.dtype}")
+    # The attention kernels address K and V with one set of row offsets (kernels/attention_tile.py).
+    check(k_cache.stride() == v_cache.stride(), op,
+          f"k_cache and v_cache must have the same strides, got {k_cache.stride()} and {v_cache.stride()}")
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -172,13 +176,17 @@ def _check_attention(op: str, q, k_cache, v_cache, meta: AttentionMetadata) -> N
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
               scale: float, *, num_splits: int | None = None, sm_count: int | None = None,
-              prefill_cfg: AttnConfig | None = None, decode_cfg: AttnConfig | None = None) -> torch.Tensor:
+              prefill_cfg: AttnConfig | None = None, decode_cfg: AttnConfig | None = None,
+              min_split_keys: int = MIN_KEYS_PER_SPLIT) -> torch.Tensor:
     """Triton attention; same contract as ``attention_ref``. q: (T, Hq, D) with unit last stride.
 
-    Decode batches (meta.is_decode) take the split-KV kernel with ``num_splits`` splits (default from
-    kernels/launch.py ``num_kv_splits``, host values only); everything else takes the prefill kernel.
-    ``prefill_cfg`` / ``decode_cfg``: tile configs (default: kernels/launch.py's heuristics; the runtime passes
-    the ones runtime/tuning.py picked).
+    Sequences with one query token this step (decodes, also inside a mixed step, and 1-token chunks) take the
+    split-KV decode kernel; longer chunks take the prefill kernel. A pure decode step (meta.is_decode) launches
+    only the decode kernel; any other step launches both, over disjoint rows. ``num_splits``: the most splits
+    per sequence (the decode grid; default kernels/launch.py ``num_kv_splits`` from host values only); each
+    sequence uses about one per ``min_split_keys`` keys, decided on the device. ``prefill_cfg`` /
+    ``decode_cfg``: tile configs (default: kernels/launch.py's heuristics; the runtime passes the ones
+    runtime/tuning.py picked).
     """
     op = "attention (kernels/attention.py)"
     _check_attention(op, q, k_cache, v_cache, meta)
@@ -186,14 +194,21 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     if decode_cfg is not None:
         check(decode_cfg.BLOCK_M >= max(16, group) and decode_cfg.BLOCK_M & (decode_cfg.BLOCK_M - 1) == 0, op,
               f"decode_cfg.BLOCK_M={decode_cfg.BLOCK_M} must be a power of two >= max(16, GQA group {group})")
+    check(isinstance(min_split_keys, int) and min_split_keys >= 1, op,
+          f"min_split_keys must be a positive int, got {min_split_keys!r}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
-    if meta.is_decode:
-        if num_splits is None:
-            sm = sm_count if sm_count is not None else sm_count_of(q.device)
-            num_splits = num_kv_splits(meta.num_seqs, k_cache.shape[2], meta.max_seqlen_k, sm)
-        check(1 <= num_splits <= MAX_SPLITS, op, f"num_splits must be in [1, {MAX_SPLITS}] (the merge configs "
-              f"kernels/compile_check.py verifies), got {num_splits}")
-        return attention_decode(q, k_cache, v_cache, meta, scale, out, num_splits, decode_cfg)
-    return attention_prefill(q, k_cache, v_cache, meta, scale, out, prefill_cfg)
+    if num_splits is None:
+        sm = sm_count if sm_count is not None else sm_count_of(q.device)
+        num_splits = num_kv_splits(meta.num_seqs, k_cache.shape[2], meta.max_seqlen_k, sm)
+    check(1 <= num_splits <= MAX_SPLITS, op, f"num_splits must be in [1, {MAX_SPLITS}] (the merge configs "
+          f"kernels/compile_check.py verifies), got {num_splits}")
+    if not meta.is_decode:
+        cfg = prefill_cfg or prefill_config(q.shape[2], q.dtype, capability_of(q.device))
+        blocks = prefill_grid(q.shape[0], meta.num_seqs, q.shape[1], cfg.BLOCK_M)[1]
+        check(blocks < 2 ** 16, op, f"{q.shape[0]} query tokens in {meta.num_seqs} sequences need {blocks} query "
+              f"blocks of {cfg.BLOCK_M} rows, above the grid limit of 65535: split the step")
+        attention_prefill(q, k_cache, v_cache, meta, scale, out, cfg)
+    # Also in a prefill step: its 1-token chunks and the decode rows of a mixed step are the decode kernel's.
+    return attention_decode(q, k_cache, v_cache, meta, scale, out, num_splits, decode_cfg, min_split_keys)

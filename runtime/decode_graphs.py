@@ -74,7 +74,9 @@ class DecodeGraphs:
                 self._row_owner[i] = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        # max_seqlen_k fixes the split-KV count at capture; the longest context keeps every length correct
+        # max_seqlen_k fixes the most splits per sequence (the decode grid) at capture, sized for the longest
+        # context; each replay's sequences then split by their own lengths on the device
+        # (kernels/attention_decode.py split_plan), so a 1k-token context runs 4 splits, not the capture's 64.
         return AttentionMetadata(cu_seqlens_q=self.cu_seqlens_q[: bs + 1], seq_lens=self.seq_lens[:bs],
                                  block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
                                  max_seqlen_q=1, max_seqlen_k=self.max_model_len)

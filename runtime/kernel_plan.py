@@ -12,9 +12,12 @@ The rules, one function each:
 - dtype (``choose_dtype``): bfloat16, the checkpoints' own dtype, where the GPU has it natively (sm_80+), else
   float16 (every kernel accumulates in float32); float32 on CPU.
 - attention tiles (``plan_kernels``): the candidates kernels/launch.py offers for the capability (its shared
-  memory per block: 99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90) and head_dim, timed once and cached
-  on disk by runtime/tuning.py, or the heuristic first candidate when tuning is off or there is no GPU.
-- decode split-KV count: from the SM count at every launch (kernels/launch.py ``num_kv_splits``).
+  memory per block: 99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90; on sm_90 only tiles with 64 query
+  rows per warpgroup, as wgmma needs) and head_dim, timed once and cached on disk by runtime/tuning.py, or the
+  heuristic first candidate when tuning is off or there is no GPU.
+- decode split-KV count: the most splits per sequence (the grid) from the SM count at every launch
+  (kernels/launch.py ``num_kv_splits``); each sequence's own count from its length, on the device, so a
+  captured decode graph splits a short context less than a long one.
 - row kernels (RMSNorm, SwiGLU, rotary, store_kv): one setting per shape (kernels/launch.py), not tuned.
 """
 from __future__ import annotations

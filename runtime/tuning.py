@@ -9,7 +9,7 @@ kernels/compile_check.py, and each tested against the reference in tests/test_ke
 When: once at start-up (runtime/kernel_plan.py), after the weights load and before the KV pool is sized and the
 decode graphs are captured: a captured graph keeps the configs it was captured with.
 Key: ``<GPU name>|sm_<cap>|triton <version>|<kernel>|<shape bucket>``; the bucket names the dtype, the head
-layout, the timed shape (``SHAPES``) and a hash of the kernel's source, so an edited kernel is tuned again.
+layout, the timed cases (``SHAPES``) and a hash of the kernel's source, so an edited kernel is tuned again.
 Cache: one JSON object in ``$QWEN2_TRITON_CACHE/tuning.json`` (default ~/.cache/qwen2_triton), replaced
 atomically on each write. An unreadable file is reported and starts over; a cached choice that is no longer a
 candidate (the lists in kernels/launch.py changed) is tuned again.
@@ -28,9 +28,13 @@ from pathlib import Path
 
 from qwen2_triton.kernels.launch import AttnConfig
 
-# The shapes timed per kernel: a 2048-token prompt (one sequence), and decode of 8 sequences over 4096 keys each
-# (batch 1 moves 2 MB of K/V for Qwen2-0.5B, ~1 us on an H100: launch overhead would pick the winner).
-SHAPES = {"prefill": dict(q_len=2048, seq_len=2048, batch=1), "decode": dict(q_len=1, seq_len=4096, batch=8)}
+# The cases timed per kernel; a config's score is the geometric mean of its times over them, so no one case
+# decides alone. Prefill: a 2048-token prompt. Decode: the ends that matter, batch 1 at 1k and 32k keys (few
+# programs: the split count and the pipeline depth decide) and batch 64 at 1k (many programs, one split each);
+# batch 64 x 32k would need 4 GB of K/V for Qwen2-7B at start-up.
+SHAPES = {"prefill": [dict(q_len=2048, seq_len=2048, batch=1)],
+          "decode": [dict(q_len=1, seq_len=1024, batch=1), dict(q_len=1, seq_len=32768, batch=1),
+                     dict(q_len=1, seq_len=1024, batch=64)]}
 # A candidate replaces the heuristic default only when at least this much faster: timing noise must not flip it.
 MIN_GAIN = 0.03
 
@@ -156,9 +160,11 @@ def tune(key: str, candidates: list[AttnConfig], time_ms: Callable[[AttnConfig],
 
 def attention_timers(device, dtype, n_q_heads: int, n_kv_heads: int, head_dim: int, block_size: int,
                      sm_count: int | None, bench: Callable | None = None) -> dict[str, Callable[[AttnConfig], float]]:
-    """Per kernel, a function timing one launch of it with a given config on random data in ``SHAPES``.
-    ``bench(fn) -> ms`` defaults to triton.testing.do_bench (CUDA); tests pass their own to run the launches
-    through the interpreter."""
+    """Per kernel, a function timing a config on random data of every case in ``SHAPES`` (the geometric mean of
+    the cases' ms per launch). ``bench(fn) -> ms`` defaults to triton.testing.do_bench (CUDA); tests pass their
+    own to run the launches through the interpreter."""
+    import math
+
     import torch
 
     from qwen2_triton.kernels.attention_decode import attention_decode
@@ -171,24 +177,31 @@ def attention_timers(device, dtype, n_q_heads: int, n_kv_heads: int, head_dim: i
     scale = head_dim ** -0.5
     g = torch.Generator(device=device).manual_seed(0)
 
-    def batch(kind):
-        s = SHAPES[kind]
+    def batch(s):
         return make_paged_batch([s["q_len"]] * s["batch"], [s["seq_len"]] * s["batch"], n_q_heads, n_kv_heads,
                                 head_dim, dtype, block_size=block_size, device=device, generator=g)
 
-    pre, dec = batch("prefill"), batch("decode")
-    splits = num_kv_splits(SHAPES["decode"]["batch"], n_kv_heads, SHAPES["decode"]["seq_len"], sm_count)
-    out_pre, out_dec = torch.empty_like(pre[0]), torch.empty_like(dec[0])
-    return {
-        "prefill": lambda cfg: bench(lambda: attention_prefill(*pre, scale, out_pre, cfg)),
-        "decode": lambda cfg: bench(lambda: attention_decode(*dec, scale, out_dec, splits, cfg)),
-    }
+    pre = [batch(s) for s in SHAPES["prefill"]]
+    dec = [(batch(s), num_kv_splits(s["batch"], n_kv_heads, s["seq_len"], sm_count)) for s in SHAPES["decode"]]
+
+    def geomean(times):
+        return math.exp(sum(math.log(max(t, 1e-9)) for t in times) / len(times))
+
+    def prefill_ms(cfg):
+        return geomean([bench(lambda b=b, out=torch.empty_like(b[0]): attention_prefill(*b, scale, out, cfg))
+                        for b in pre])
+
+    def decode_ms(cfg):
+        return geomean([bench(lambda b=b, n=n, out=torch.empty_like(b[0]): attention_decode(*b, scale, out, n, cfg))
+                        for b, n in dec])
+
+    return {"prefill": prefill_ms, "decode": decode_ms}
 
 
 def shape_bucket(kernel: str, dtype, n_q_heads: int, n_kv_heads: int, head_dim: int, block_size: int) -> str:
-    s = SHAPES[kernel]
+    cases = ",".join(f"B{s['batch']}q{s['q_len']}k{s['seq_len']}" for s in SHAPES[kernel])
     return (f"{str(dtype).replace('torch.', '')} Hq={n_q_heads} Hk={n_kv_heads} D={head_dim} page={block_size} "
-            f"B={s['batch']} q={s['q_len']} k={s['seq_len']} src={kernel_source_hash(kernel)}")
+            f"{cases} src={kernel_source_hash(kernel)}")
 
 
 def kernel_source_hash(kernel: str) -> str:
