@@ -1,27 +1,31 @@
 """Kernel microbenchmarks at Qwen2 shapes: Triton vs torch eager vs torch.compile (and torch SDPA for attention).
 
-    pytest bench/test_bench_kernels.py [-k rms_norm] [--benchmark-disable]     (CUDA only; skips elsewhere)
+    pytest bench/test_bench_kernels.py [-k rms_norm] [--benchmark-disable]
 
-Times come from triton.testing.do_bench (median ms, CUDA events, L2 flushed between runs). Memory-bound kernels
-report achieved GB/s from the byte formula next to each test and the fraction of the measured device-copy
-bandwidth; attention reports TFLOP/s from the causal FLOP formula. Every row goes to
-bench/results/kernels-<gpu>-<date>.csv with GPU name, torch and triton versions. pytest-benchmark's own table
-times the Triton launch wall-clock (synchronised) as a cross-check; the figures of record are in the CSV.
+On CUDA, times come from triton.testing.do_bench (median ms, CUDA events, L2 flushed between runs). Every row
+goes to bench/results/kernels-<gpu>-<date>.csv with GPU name, torch and triton versions, the achieved GB/s or
+TFLOP/s from the byte / FLOP formula next to each test, and ``frac_roofline``: the fraction of the roofline
+that bounds the kernel, measured device-copy bandwidth for memory-bound ones and the GPU's dense bf16 peak
+(``PEAK_TFLOPS``) for prefill attention. pytest-benchmark's own table times the Triton launch wall-clock
+(synchronised) as a cross-check; the figures of record are in the CSV.
+
+Without CUDA the same tests collect and run as a smoke test (CI): one tiny shape each, the Triton kernels
+through the interpreter, each checked against its reference, nothing timed or written. A benchmark broken by a
+kernel change is found here, not in a GPU session's scarce device time.
 """
 from __future__ import annotations
 
 import csv
 import datetime
+import math
+import os
 import pathlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("kernel benchmarks need a CUDA device", allow_module_level=True)
-
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+if not torch.cuda.is_available():  # the smoke run: kernels through the interpreter, set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qwen2_triton.kernels.attention import attention, attention_ref  # noqa: E402
 from qwen2_triton.kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
@@ -29,23 +33,50 @@ from qwen2_triton.kernels.rotary import build_cos_sin_cache, default_inv_freq, r
 from qwen2_triton.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 from qwen2_triton.kernels.testing import make_paged_batch  # noqa: E402
 
-DEV, DT = torch.device("cuda"), torch.bfloat16
+CUDA = torch.cuda.is_available()
+DEV, DT = torch.device("cuda" if CUDA else "cpu"), torch.bfloat16
 ES = 2  # bytes per bf16 element
-TOKENS = [1, 256, 4096, 16384]
-MODELS = {"0.5B": dict(hidden=896, inter=4864, hq=14, hk=2, d=64),
-          "1.5B": dict(hidden=1536, inter=8960, hq=12, hk=2, d=128),
-          "7B": dict(hidden=3584, inter=18944, hq=28, hk=4, d=128)}
+if CUDA:
+    TOKENS = [1, 256, 4096, 16384]
+    MODELS = {"0.5B": dict(hidden=896, inter=4864, hq=14, hk=2, d=64),
+              "1.5B": dict(hidden=1536, inter=8960, hq=12, hk=2, d=128),
+              "7B": dict(hidden=3584, inter=18944, hq=28, hk=4, d=128)}
+    ATTN_MODELS, PREFILL_SEQ, DECODE_BATCH, DECODE_CTX = ["0.5B", "7B"], [512, 2048, 8192, 16384], [1, 16, 64], \
+        [512, 4096, 32768]
+else:  # smoke: Qwen2-0.5B's head layout at toy widths, a few tokens, one case per test
+    TOKENS = [3]
+    MODELS = {"tiny": dict(hidden=96, inter=80, hq=7, hk=1, d=64)}
+    ATTN_MODELS, PREFILL_SEQ, DECODE_BATCH, DECODE_CTX = ["tiny"], [40], [2], [70]
+# Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets), for prefill attention's roofline fraction.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+if not CUDA:  # the benchmark fixture is requested but not timed in the smoke run
+    pytestmark = pytest.mark.filterwarnings("ignore::pytest_benchmark.logger.PytestBenchmarkWarning")
 RESULTS = pathlib.Path(__file__).parent / "results"
 ROWS: list[dict] = []
+TOL = dict(atol=2 ** -6, rtol=2 ** -6)  # bf16 kernels against their fp32-math references (smoke check)
 
 
 def ms(fn) -> float:
+    if not CUDA:  # smoke: run once, time nothing
+        fn()
+        return math.nan
+    from triton.testing import do_bench
+
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_tflops() -> float | None:
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 @pytest.fixture(scope="session")
 def copy_gbps() -> float:
     """Device copy bandwidth (read + write of 1 GiB), the ceiling for every memory-bound kernel here."""
+    if not CUDA:
+        return math.nan
     src = torch.empty(1 << 29, dtype=DT, device=DEV)
     dst = torch.empty_like(src)
     return 2 * src.numel() * ES / ms(lambda: dst.copy_(src)) * 1e-6
@@ -54,37 +85,60 @@ def copy_gbps() -> float:
 @pytest.fixture(scope="session", autouse=True)
 def write_csv():
     yield
-    if not ROWS:
+    if not ROWS or not CUDA:
         return
+    import triton
+
     RESULTS.mkdir(exist_ok=True)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     path = RESULTS / f"kernels-{gpu}-{datetime.date.today()}.csv"
     common = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now().isoformat(timespec="seconds"))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(common) + list(ROWS[0]))
-        writer.writeheader()
+    fields = list(common) + list(ROWS[0])
+    # several runs a day (scripts/gpu_session.sh runs the ops and the attention benchmarks as separate parts)
+    # add to one file; a file with other columns is replaced
+    append = False
+    if path.exists():
+        with open(path, newline="") as f:
+            append = next(csv.reader(f), None) == fields
+    with open(path, "a" if append else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if not append:
+            writer.writeheader()
         writer.writerows({**common, **r} for r in ROWS)
 
 
-def record(benchmark, op, shape, impls: dict, *, nbytes=None, flops=None, copy_gbps=None):
-    """Time every implementation; one CSV row per implementation; the Triton one also through pytest-benchmark."""
+def record(benchmark, op, shape, impls: dict, *, nbytes=None, flops=None, copy_gbps=None, check=None):
+    """Time every implementation; one CSV row per implementation; the Triton one also through pytest-benchmark.
+    ``check``: (triton output fn, reference output fn) compared once before timing (the smoke test's point)."""
+    if check is not None:
+        got, want = check
+        torch.testing.assert_close(got().float(), want().float(), **TOL)
     for impl, fn in impls.items():
         t = ms(fn)
-        row = dict(op=op, shape=shape, impl=impl, ms=round(t, 5))
+        row = dict(op=op, shape=shape, impl=impl, ms=round(t, 5), **{"GB/s": "", "frac_copy_bw": "",
+                                                                      "TFLOP/s": "", "frac_roofline": ""})
         if nbytes is not None:
             row["GB/s"] = round(nbytes / t * 1e-6, 1)
-            row["frac_copy_bw"] = round(nbytes / t * 1e-6 / copy_gbps, 3)
+            row["frac_copy_bw"] = row["frac_roofline"] = round(nbytes / t * 1e-6 / copy_gbps, 3)
         if flops is not None:
             row["TFLOP/s"] = round(flops / t * 1e-9, 1)
-        ROWS.append({**row, **{k: row.get(k, "") for k in ("GB/s", "frac_copy_bw", "TFLOP/s")}})
+            if nbytes is None and peak_tflops():
+                row["frac_roofline"] = round(flops / t * 1e-9 / peak_tflops(), 3)
+        ROWS.append(row)
         benchmark.extra_info[impl] = row
-    triton_fn = impls["triton"]
-    benchmark.pedantic(lambda: (triton_fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+    if CUDA:
+        triton_fn = impls["triton"]
+        benchmark.pedantic(lambda: (triton_fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
 
 
-def compiled(fn):
-    return torch.compile(fn, dynamic=False)
+def reference_impls(ref, *args) -> dict:
+    """Eager reference, and torch.compile of it on CUDA (compiling on the CPU smoke run would only add time)."""
+    impls = {"eager": lambda: ref(*args)}
+    if CUDA:
+        compiled = torch.compile(ref, dynamic=False)
+        impls["compile"] = lambda: compiled(*args)
+    return impls
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -94,10 +148,10 @@ def test_rms_norm(benchmark, model, tokens, copy_gbps):
     x, r = torch.randn(tokens, h, device=DEV, dtype=DT), torch.randn(tokens, h, device=DEV, dtype=DT)
     w = torch.randn(h, device=DEV, dtype=DT)
     nbytes = (4 * tokens * h + h) * ES  # read x, residual; write out, new residual; read weight
-    ref_c = compiled(rms_norm_ref)
-    record(benchmark, "rms_norm+residual", f"{model} T={tokens}", {
-        "triton": lambda: rms_norm(x, w, 1e-6, r), "eager": lambda: rms_norm_ref(x, w, 1e-6, r),
-        "compile": lambda: ref_c(x, w, 1e-6, r)}, nbytes=nbytes, copy_gbps=copy_gbps)
+    record(benchmark, "rms_norm+residual", f"{model} T={tokens}",
+           {"triton": lambda: rms_norm(x, w, 1e-6, r), **reference_impls(rms_norm_ref, x, w, 1e-6, r)},
+           nbytes=nbytes, copy_gbps=copy_gbps,
+           check=(lambda: rms_norm(x, w, 1e-6, r)[0], lambda: rms_norm_ref(x, w, 1e-6, r)[0]))
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -106,10 +160,9 @@ def test_swiglu(benchmark, model, tokens, copy_gbps):
     inter = MODELS[model]["inter"]
     gate_up = torch.randn(tokens, 2 * inter, device=DEV, dtype=DT)
     nbytes = 3 * tokens * inter * ES  # read gate and up, write out
-    ref_c = compiled(swiglu_ref)
-    record(benchmark, "swiglu", f"{model} T={tokens}", {
-        "triton": lambda: swiglu(gate_up), "eager": lambda: swiglu_ref(gate_up), "compile": lambda: ref_c(gate_up)},
-        nbytes=nbytes, copy_gbps=copy_gbps)
+    record(benchmark, "swiglu", f"{model} T={tokens}",
+           {"triton": lambda: swiglu(gate_up), **reference_impls(swiglu_ref, gate_up)},
+           nbytes=nbytes, copy_gbps=copy_gbps, check=(lambda: swiglu(gate_up), lambda: swiglu_ref(gate_up)))
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -119,13 +172,16 @@ def test_rotary(benchmark, model, tokens, copy_gbps):
     hq, hk, d = m["hq"], m["hk"], m["d"]
     qkv = torch.randn(tokens, (hq + 2 * hk) * d, device=DEV, dtype=DT)  # q, k as strided views, as in the model
     q, k = qkv[:, : hq * d].view(tokens, hq, d), qkv[:, hq * d: (hq + hk) * d].view(tokens, hk, d)
-    pos = torch.randint(0, 32768, (tokens,), device=DEV)
-    cos_sin = build_cos_sin_cache(default_inv_freq(d, 1e6), 32768, device=DEV)
+    max_pos = 32768 if CUDA else 64
+    pos = torch.randint(0, max_pos, (tokens,), device=DEV)
+    cos_sin = build_cos_sin_cache(default_inv_freq(d, 1e6), max_pos, device=DEV)
     nbytes = 2 * tokens * (hq + hk) * d * ES + tokens * (d * 4 + 8)  # q, k read + written; cos/sin row; position
-    ref_c = compiled(rotary_ref)
-    record(benchmark, "rotary", f"{model} T={tokens}", {
-        "triton": lambda: rotary(q, k, pos, cos_sin), "eager": lambda: rotary_ref(q, k, pos, cos_sin),
-        "compile": lambda: ref_c(q, k, pos, cos_sin)}, nbytes=nbytes, copy_gbps=copy_gbps)
+    want = rotary_ref(q, k, pos, cos_sin)  # before the in-place kernel runs
+    record(benchmark, "rotary", f"{model} T={tokens}",
+           {"triton": lambda: rotary(q, k, pos, cos_sin), **reference_impls(rotary_ref, q, k, pos, cos_sin)},
+           nbytes=nbytes, copy_gbps=copy_gbps,
+           check=(lambda: torch.cat([t.flatten(1) for t in rotary(q.clone(), k.clone(), pos, cos_sin)], 1),
+                  lambda: torch.cat([t.flatten(1) for t in want], 1)))
 
 
 def _contiguous_kv(k_cache, v_cache, meta, n):
@@ -136,8 +192,8 @@ def _contiguous_kv(k_cache, v_cache, meta, n):
     return k.contiguous(), v.contiguous()
 
 
-@pytest.mark.parametrize("model", ["0.5B", "7B"])
-@pytest.mark.parametrize("seq", [512, 2048, 8192, 16384])
+@pytest.mark.parametrize("model", ATTN_MODELS)
+@pytest.mark.parametrize("seq", PREFILL_SEQ)
 def test_attention_prefill(benchmark, model, seq):
     m = MODELS[model]
     q, kc, vc, meta = make_paged_batch([seq], [seq], m["hq"], m["hk"], m["d"], DT, device=DEV)
@@ -150,12 +206,13 @@ def test_attention_prefill(benchmark, model, seq):
                                                                               enable_gqa=True)}
     if seq <= 4096:  # the fp32 reference materialises (Hq, S, S) scores: 16k x 16k x 28 x 4 B = 30 GB
         impls["eager"] = lambda: attention_ref(q, kc, vc, meta, scale)
-    record(benchmark, "attention_prefill", f"{model} S={seq}", impls, flops=flops)
+    record(benchmark, "attention_prefill", f"{model} S={seq}", impls, flops=flops,
+           check=(lambda: attention(q, kc, vc, meta, scale), lambda: attention_ref(q, kc, vc, meta, scale)))
 
 
-@pytest.mark.parametrize("model", ["0.5B", "7B"])
-@pytest.mark.parametrize("batch", [1, 16, 64])
-@pytest.mark.parametrize("ctx", [512, 4096, 32768])
+@pytest.mark.parametrize("model", ATTN_MODELS)
+@pytest.mark.parametrize("batch", DECODE_BATCH)
+@pytest.mark.parametrize("ctx", DECODE_CTX)
 def test_attention_decode(benchmark, model, batch, ctx, copy_gbps):
     m = MODELS[model]
     if batch * ctx * m["hk"] * m["d"] * 2 * ES > 8 << 30:
@@ -169,5 +226,5 @@ def test_attention_decode(benchmark, model, batch, ctx, copy_gbps):
     record(benchmark, "attention_decode", f"{model} B={batch} ctx={ctx}", {
         "triton": lambda: attention(q, kc, vc, meta, scale),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True)},
-        nbytes=nbytes, flops=4 * batch * m["hq"] * m["d"] * ctx, copy_gbps=copy_gbps)
-
+        nbytes=nbytes, flops=4 * batch * m["hq"] * m["d"] * ctx, copy_gbps=copy_gbps,
+        check=(lambda: attention(q, kc, vc, meta, scale), lambda: attention_ref(q, kc, vc, meta, scale)))
