@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen2_triton.model.config import Qwen2Config
+from qwen2_triton.model.quantization import quantized_tensors
 from qwen2_triton.model.qwen2 import Qwen2Model
 from qwen2_triton.model.weights import iter_safetensors, load_into, safetensors_files
 
@@ -37,13 +38,14 @@ def is_gguf_file(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progress: bool = True) -> LoadedModel:
+def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progress: bool = True,
+               quantization: str = "auto") -> LoadedModel:
     given = str(path)
     path = os.path.expanduser(given)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path does not exist: {path}" + _hub_id_hint(given))
     if os.path.isdir(path):
-        return _load_hf_dir(path, dtype, device, ops, progress)
+        return _load_hf_dir(path, dtype, device, ops, progress, quantization)
     if is_gguf_file(path):
         return _load_gguf(path, dtype, device, ops, progress)
     raise ValueError(f"{path} is neither a checkpoint directory (config.json + safetensors) nor a GGUF file")
@@ -63,14 +65,15 @@ def _hub_id_hint(given: str) -> str:
             f"< 0.34), then pass that directory: model='{local}'")
 
 
-def _load_hf_dir(path: str, dtype, device, ops, progress) -> LoadedModel:
+def _load_hf_dir(path: str, dtype, device, ops, progress, quantization) -> LoadedModel:
     from qwen2_triton.model.tokenizer import Tokenizer
 
     cfg = Qwen2Config.from_file(os.path.join(path, "config.json"))
     files = safetensors_files(path)
     tokenizer = Tokenizer.from_dir(path)
     model = Qwen2Model(cfg, ops, dtype, device)
-    load_into(model.params, cfg, iter_safetensors(files), source=path, progress=progress)
+    tensors = quantized_tensors(path, model, iter_safetensors(files), quantization)  # GPTQ / AWQ projections
+    load_into(model.params, cfg, tensors, source=path, progress=progress)
     gen = _read_generation_config(os.path.join(path, "generation_config.json"))
     eos = _eos_ids(cfg.eos_token_id, gen.pop("eos_token_id", ()), tokenizer)
     return LoadedModel(model, tokenizer, gen, eos, path)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from qwen2_triton.model.quantization import QUANTIZATION_CHOICES
+
 from qwen2_triton.runtime.rope_mode import ROPE_SCALING_CHOICES
 
 GENERATION_CONFIG_CHOICES = ("auto", "none")
@@ -22,6 +24,10 @@ class EngineConfig:
             float32 on CPU).
         device: "cuda" | "cpu" | None (cuda when available).
         kernels: "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch".
+        quantization: for a GPTQ / AWQ checkpoint (config.json quantization_config): "auto" keeps its projections
+            packed and runs them through the Triton weight-only kernels (kernels/quant_linear.py) when kernels are
+            Triton, and dequantizes them once at load to ``dtype`` with kernels=torch; "none" always dequantizes
+            at load. GGUF files are dequantized at load either way.
         generation_config: "auto" takes temperature/top_p/top_k/repetition_penalty/min_p/max_new_tokens from the
             checkpoint's generation_config.json as defaults for SamplingParams fields left unset; "none" ignores it.
         max_model_len: longest prompt + output; defaults to the model's context (YaRN-extended if configured,
@@ -53,6 +59,7 @@ class EngineConfig:
     dtype: str | torch.dtype = "auto"
     device: str | None = None
     kernels: str = "auto"
+    quantization: str = "auto"
     generation_config: str = "auto"
     max_model_len: int | None = None
     rope_scaling: str = "auto"
@@ -73,6 +80,8 @@ class EngineConfig:
                              f"got {self.generation_config!r}")
         if self.rope_scaling not in ROPE_SCALING_CHOICES:
             raise ValueError(f"rope_scaling must be one of {ROPE_SCALING_CHOICES}, got {self.rope_scaling!r}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             v = getattr(self, name)
             if not _int(v) or v < 1:

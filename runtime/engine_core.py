@@ -59,7 +59,8 @@ class EngineCore:
             loaded, self.ops = model, model.model.ops
         else:
             self.ops = make_ops(kernel_set, self.device)
-            loaded = load_model(model, self.dtype, self.device, self.ops, progress=c.progress)
+            loaded = load_model(model, self.dtype, self.device, self.ops, progress=c.progress,
+                                quantization=c.quantization)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer  # the tokenizer is for the frontends
         self.eos_token_ids = loaded.eos_token_ids
         self.generation_defaults = loaded.generation_defaults if c.generation_config == "auto" else {}
