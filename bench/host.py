@@ -12,7 +12,9 @@ pool, so every other part of a step runs as in serving.
 Per batch size (1/64/256) and mode (greedy; sampled = temperature 0.7, top-k 20, top-p 0.8, repetition penalty
 1.05, Qwen2-Instruct's generation_config), all requests decode in lockstep: after two warm-up steps, ``--steps``
 steps are timed one by one with each phase timed inside; a row reports the medians (us) of the run with the
-lowest median step, of ``--repeats`` runs. ``--path graphs`` (default) decodes through the padded static buffers
+lowest median step, of ``--repeats`` runs. ``us_step`` is the step's CPU time (this thread's, which does all the
+work: the torch backend runs a step on one thread), so a shared machine's other load does not count; the wall
+time is ``wall_us_step``, and the phases are wall times (short enough to be rarely preempted). ``--path graphs`` (default) decodes through the padded static buffers
 that CUDA graphs replay on a GPU (runtime/decode_graphs.py, run eagerly here), ``eager`` through the eager path.
 """
 from __future__ import annotations
@@ -139,19 +141,21 @@ def measure(llm, timer: PhaseTimer, batch: int, mode: str, steps: int, seed: int
         for _ in range(3):  # the prefill step, then two decode steps
             llm._step()
         assert len(llm.scheduler.running) == batch, "every request must be decoding"
-        totals, phases = [], {p: [] for p in PHASES}
+        cpu, wall, phases = [], [], {p: [] for p in PHASES}
         for _ in range(steps):
             timer.reset()
             sync()
+            c = time.thread_time()
             t = time.perf_counter()
             llm._step()
             sync()
-            totals.append(time.perf_counter() - t)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.thread_time() - c)
             for p in PHASES:
                 phases[p].append(timer.now[p])
     finally:
         llm._abort(states)
-    row = {"us_step": 1e6 * statistics.median(totals)}
+    row = {"us_step": 1e6 * statistics.median(cpu), "wall_us_step": 1e6 * statistics.median(wall)}
     for p in PHASES:
         row[f"{p}_us"] = 1e6 * statistics.median(phases[p])
     row["us_per_seq"] = row["us_step"] / batch
@@ -203,10 +207,10 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--modes: unknown {bad}; choose from {list(MODES)}")
     rows = run([int(b) for b in a.batches.split(",")], modes, a.steps, a.repeats, a.path, a.device)
-    print(f"{'batch':>5} {'mode':>8} {'us/step':>9} {'us/seq':>7} " + " ".join(f"{p:>9}" for p in PHASES)
-          + f" {'x greedy':>8}")
+    print(f"{'batch':>5} {'mode':>8} {'us/step':>9} {'us/seq':>7} {'wall us':>9} "
+          + " ".join(f"{p:>9}" for p in PHASES) + f" {'x greedy':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['mode']:>8} {r['us_step']:>9.1f} {r['us_per_seq']:>7.2f} "
+        print(f"{r['batch']:>5} {r['mode']:>8} {r['us_step']:>9.1f} {r['us_per_seq']:>7.2f} {r['wall_us_step']:>9.1f} "
               + " ".join(f"{r[p + '_us']:>9.1f}" for p in PHASES) + f" {r['over_greedy']:>8.2f}", flush=True)
     if a.out:
         machine = cpu_name() if a.device == "cpu" else torch.cuda.get_device_name(torch.device(a.device))

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from qwen2_triton.runtime.sampling_noise import (KEY_BLOCK, bits_to_exponential, exponential_noise, key_block,
-                                                noise_at, noise_from_keys)
-from qwen2_triton.runtime.topk import largest
+                                                noise_at, race)
+from qwen2_triton.runtime.row_select import argmax, largest
 
 __all__ = ["SamplingPlan", "SamplingTensors", "apply_penalties", "bits_to_exponential", "draw", "exponential_noise",
            "filter_logits", "make_plan", "noise_at", "sample", "top_logprobs", "window_width"]
@@ -196,9 +196,7 @@ def _top_p_min_p(asc: torch.Tensor, t: SamplingTensors, top_p: bool, min_p: bool
     the top probability: the arithmetic of transformers' TopPLogitsWarper and MinPLogitsWarper."""
     if top_p:
         cum = asc.softmax(-1).cumsum_(-1)
-        drop = cum <= t.const("1-top_p", lambda: (1 - t.top_p)[:, None])
-        drop[:, -1] = False
-        _inf_where(asc, drop)
+        _inf_where(asc[:, :-1], cum[:, :-1] <= t.const("1-top_p", lambda: (1 - t.top_p)[:, None]))  # top stays
     if min_p:
         probs = asc.softmax(-1)
         _inf_where(asc, probs < t.const("min_p", lambda: t.min_p[:, None]) * probs[:, -1:])
@@ -232,14 +230,12 @@ def _filter_full(x: torch.Tensor, t: SamplingTensors, plan: SamplingPlan) -> tor
 def _window(logits: torch.Tensor, t: SamplingTensors, width: int, top_p: bool, min_p: bool):
     """Top-k rows on the ``width`` largest logits of each row. Returns the window's filtered logits and token ids,
     ascending (B, width), and (B, 1) bool: rows whose ties with the k-th value may reach past the window."""
-    vals, ids, outside = largest(logits, width)  # descending
-    temp = _safe_temperature(t)
-    asc = vals.flip(-1).div_(temp)
+    vals, ids = largest(logits, width)  # descending
+    asc = vals.flip(-1).div_(_safe_temperature(t))
     kth = asc.gather(-1, t.const("kth", lambda: (width - t.top_k.clamp(1, width))[:, None]))
-    edge = None
-    if width < logits.shape[-1]:  # a tie past the window: its last value, or a column never looked at, reaches kth
-        reach = asc[:, :1] if outside is None else torch.maximum(asc[:, :1], outside / temp)
-        edge = (reach >= kth).logical_and_(kth > float("-inf"))
+    # a tie past the window: the window's last value equals the k-th; not when both are -inf (fewer tokens left
+    # than k by a grammar mask: ties only with tokens of probability 0), where the difference is NaN
+    edge = (asc[:, :1] - kth) == 0 if width < logits.shape[-1] else None
     _inf_where(asc, asc < kth)
     return _top_p_min_p(asc, t, top_p, min_p), ids.flip(-1), edge
 
@@ -289,26 +285,22 @@ def _put(out: torch.Tensor, rows, part: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------- draw
 @dataclass
 class Draft:
-    """A batch's drawn tokens before the read-back: ``tokens`` (B,) int64 on the device, and ``redo`` (B,) bool (or
-    None) marking window rows with ties past the window, which ``resolve`` redraws on the full row."""
+    """A batch's drawn tokens before the read-back: (B,) int64 on the device, -1 for a window row whose ties with
+    the k-th value may reach past its window (``resolve`` redraws those on the full row)."""
     tokens: torch.Tensor
-    redo: torch.Tensor | None
     logits: torch.Tensor  # penalised
     t: SamplingTensors
+    flagged: bool = False  # some row may be -1
 
     def resolve(self) -> tuple[torch.Tensor, list[int]]:
         """(tokens on the device, the same as a host list): one device->host copy, a second only for a redo."""
-        if self.redo is None:
-            return self.tokens, self.tokens.tolist()
-        both = torch.stack([self.tokens, self.redo.long()]).tolist()
-        toks, redo = both[0], [i for i, r in enumerate(both[1]) if r]
-        if not redo:
+        toks = self.tokens.tolist()
+        if not self.flagged or min(toks) >= 0:
             return self.tokens, toks
+        redo = [i for i, tok in enumerate(toks) if tok < 0]
         idx = torch.tensor(redo, dtype=torch.int64, device=self.tokens.device)
-        sub = self.t.rows(idx)
-        probs = filter_sorted(self.logits.index_select(0, idx), sub).softmax(-1)
-        fixed = (probs / noise_from_keys(self.t.keys()[idx], torch.arange(probs.shape[-1], device=idx.device))
-                 ).argmax(-1)
+        probs = filter_sorted(self.logits.index_select(0, idx), self.t.rows(idx)).softmax(-1)
+        fixed = race(probs, self.t.keys()[idx], torch.arange(probs.shape[-1], device=idx.device)).squeeze(1)
         for i, tok in zip(redo, fixed.tolist()):
             toks[i] = tok
         return self.tokens.index_copy(0, idx, fixed), toks
@@ -320,29 +312,27 @@ def draw(logits: torch.Tensor, t: SamplingTensors, writable: bool = False) -> Dr
     plan = t.plan or plan_from_tensors(t, logits.shape[-1])
     logits = apply_penalties(logits, t, inplace=writable)
     if plan.all_greedy:
-        return Draft(logits.argmax(-1), None, logits, t)
+        return Draft(argmax(logits), logits, t)
     groups = [g for g in (plan.greedy_rows, plan.window_rows, plan.full_rows) if g is not None]
     tokens = None if len(groups) == 1 else torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    redo = None
+    flagged = False
     if plan.greedy_rows is not None:
-        tokens = _put(tokens, plan.greedy_rows, _take(logits, plan.greedy_rows).argmax(-1))
+        tokens = _put(tokens, plan.greedy_rows, argmax(_take(logits, plan.greedy_rows)))
     if plan.window_rows is not None:
         rows = plan.window_rows
         tw = _group(t, "window", rows)
         asc, ids, edge = _window(_take(logits, rows), tw, plan.window, plan.window_top_p, plan.window_min_p)
-        j = asc.softmax(-1).div_(noise_from_keys(tw.keys(), ids)).argmax(-1, keepdim=True)
-        tokens = _put(tokens, rows, ids.gather(1, j).squeeze(1))
+        tok = ids.gather(1, race(asc.softmax(-1), tw.keys(), ids))
         if edge is not None:
-            edge = edge.squeeze(1)
-            redo = edge if rows is ALL else torch.zeros(logits.shape[0], dtype=torch.bool,
-                                                        device=logits.device).index_copy_(0, rows, edge)
+            tok, flagged = torch.where(edge, -1, tok), True
+        tokens = _put(tokens, rows, tok.squeeze(1))
     if plan.full_rows is not None:
         rows = plan.full_rows
         tf = _group(t, "full", rows)
         probs = _filter_full(_take(logits, rows), tf, plan).softmax(-1)
         vocab_ids = t.const("vocab_ids", lambda: torch.arange(logits.shape[-1], device=logits.device))
-        tokens = _put(tokens, rows, probs.div_(noise_from_keys(tf.keys(), vocab_ids)).argmax(-1))
-    return Draft(tokens, redo, logits, t)
+        tokens = _put(tokens, rows, race(probs, tf.keys(), vocab_ids).squeeze(1))
+    return Draft(tokens, logits, t, flagged)
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

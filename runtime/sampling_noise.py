@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from qwen2_triton.runtime.row_select import argmin
+
 MASK32 = 0xFFFFFFFF
 KEY_BLOCK = 64  # output indices per computed block of row keys: one block per 64 decode steps of a batch
 
@@ -45,9 +47,21 @@ def key_block(seeds: torch.Tensor, steps: torch.Tensor, block: int) -> torch.Ten
 
 def noise_from_keys(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """(B, N) float32 Exp(1) draws: keys (B,) int64, token_ids (B, N) int64 (or (N,), the same ids every row)."""
-    x = token_ids * 0x85EBCA6B
-    x = x + keys[:, None] if x.dim() == 1 else x.add_(keys[:, None])
-    return bits_to_exponential(_mix32_(x.bitwise_and_(MASK32)))
+    return bits_to_exponential(_mix32_(torch.add(keys[:, None], token_ids, alpha=0x85EBCA6B).bitwise_and_(MASK32)))
+
+
+def race(probs: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1) column of ``argmax(probs / E)`` for E the Exp(1) draws of these rows' keys at ``token_ids``; probs is
+    overwritten. The same arithmetic as ``bits_to_exponential`` in fewer ops (a decode step of a small batch is
+    bound by op count): u = k * 2^-24 + 2^-25 in one op is (k + 0.5) * 2^-24 (both round the same exact value
+    once), and argmin(p / log u) is argmax(p / E) for E = -log u, since p / (-E) is exactly -(p / E) and both
+    take the first of equal values."""
+    x = _mix32_(torch.add(keys[:, None], token_ids, alpha=0x85EBCA6B).bitwise_and_(MASK32))
+    half_ulp = _HALF_ULP.get(probs.device)
+    if half_ulp is None:
+        half_ulp = _HALF_ULP[probs.device] = torch.tensor(2.0 ** -25, device=probs.device)  # 0.5 / 2^24
+    u = torch.add(half_ulp, (x >> 8).float(), alpha=2.0 ** -24)
+    return argmin(probs.div_(u.clamp_(max=_U_MAX).log_()), keepdim=True)
 
 
 def noise_at(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -64,6 +78,7 @@ def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> t
 # 25 bits), and -log(1) = -0.0 made a filtered token's 0 / -0.0 = NaN win the argmax (issue 8: ~1% of draws
 # over a 152k vocabulary came from outside top-k/top-p). Clamping keeps every other draw bit-identical.
 _U_MAX = 1.0 - 2.0 ** -24
+_HALF_ULP: dict = {}  # device -> 0-dim tensor 2^-25
 
 
 def bits_to_exponential(x: torch.Tensor) -> torch.Tensor:

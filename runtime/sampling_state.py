@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qwen2_triton.runtime.row_select import argmax
 from qwen2_triton.runtime.sampler import ALL, SamplingPlan, SamplingTensors, draw, make_plan
-from qwen2_triton.runtime.token_history import TokenHistory
+from qwen2_triton.runtime.token_history import BatchHistory, TokenHistory
 
 # columns of the float table, and of the int64 one
 TEMPERATURE, TOP_P, MIN_P, REPETITION, PRESENCE, FREQUENCY = range(6)
@@ -36,7 +37,7 @@ class SamplingBatch:
     tensors: SamplingTensors | None  # None: greedy without penalties, nothing on the device is needed
     slots: torch.Tensor | None = None  # (B,) int64 on the device
     slots_np: np.ndarray | None = None
-    position: torch.Tensor | None = None  # (B,) int64: history position of the token drawn at step_offset 0
+    history: BatchHistory | None = None  # the rows' token histories, when some row has a penalty
     logprobs: int | None = None  # the largest top-logprobs count asked by a row, None when no row asks
     grammar: bool = False  # some row has structured output (its mask is written into the logits)
 
@@ -83,15 +84,15 @@ class SamplingState:
         are written in place."""
         t = b.tensors
         if t is None:
-            tokens = logits.argmax(-1)
+            tokens = argmax(logits)
             return tokens, tokens.tolist()
-        penalties = b.plan.repetition or b.plan.frequency
-        if penalties:
-            t.history_ids, t.history_counts = self.history.gather(b.slots, b.slots_np, counts=b.plan.frequency)
+        h = b.history
+        if h is not None:
+            t.history_ids = h.ids()
+            t.history_counts = h.counts(t.history_ids) if b.plan.frequency else None
         tokens, host = draw(logits, t, writable=True).resolve()
-        if penalties:
-            self.history.record(b.slots, b.slots_np, b.position + t.step_offset, tokens)
-            t.history_ids = t.history_counts = None
+        if h is not None:
+            h.append(tokens)
         t.step_offset += 1
         return tokens, host
 
@@ -101,6 +102,8 @@ class SamplingState:
         b, self._batch = self._batch, None
         if b is not None and b.tensors is not None and b.tensors.step_offset:
             self.iparams[:, STEP].index_copy_(0, b.slots, b.tensors.steps + b.tensors.step_offset)
+        if b is not None and b.history is not None:
+            b.history.write_back()
 
     def _build(self, seqs, key: tuple) -> SamplingBatch:
         self.batch_builds += 1
@@ -128,7 +131,9 @@ class SamplingState:
                             min_p=fp[:, MIN_P], repetition_penalty=fp[:, REPETITION],
                             presence_penalty=fp[:, PRESENCE], frequency_penalty=fp[:, FREQUENCY],
                             seeds=ip[:, SEED], steps=steps, plan=plan)
-        return SamplingBatch(key, plan, t, slots, slots_np, ip[:, HISTORY_BASE] + steps, logprobs, grammar)
+        history = BatchHistory(self.history, slots, slots_np, ip[:, HISTORY_BASE] + steps) \
+            if repetition or frequency else None
+        return SamplingBatch(key, plan, t, slots, slots_np, history, logprobs, grammar)
 
     def _admit(self, seqs) -> None:
         """Give these sequences slots and write their rows: one copy for the float columns, one for the int."""

@@ -15,7 +15,7 @@ def test_writes_a_row_per_batch_and_mode(tmp_path):
                                                        ("3", "sampled")]
     for r in rows:
         assert r["machine"] and r["torch"] and r["date"] and r["label"] == "smoke" and r["path"] == "graphs"
-        for col in ("us_step", "us_per_seq", *(f"{p}_us" for p in PHASES), "over_greedy"):
+        for col in ("us_step", "wall_us_step", "us_per_seq", *(f"{p}_us" for p in PHASES), "over_greedy"):
             value = float(r[col])
             assert math.isfinite(value) and value >= 0, (col, r[col])
         assert float(r["us_step"]) >= sum(float(r[f"{p}_us"]) for p in PHASES) * 0.5  # phases lie inside a step

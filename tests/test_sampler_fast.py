@@ -14,6 +14,7 @@ from checkpoints import make_checkpoint
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.sampler import (SamplingTensors, apply_penalties, draw, exponential_noise,
                                          filter_logits, make_plan, noise_at, sample, window_width)
+from qwen2_triton.runtime.sampling_noise import noise_from_keys
 
 
 # ---------------------------------------------------------------------------------------- the old implementation
@@ -123,22 +124,41 @@ def test_real_vocabulary_rows():
         assert torch.equal(sample(logits, t), old_sample(logits, t))
 
 
-@pytest.mark.parametrize("vocab,rows", [(4096, 64), (152064, 2), (151936, 1), (8192, 40), (1000, 200)])
-def test_largest_is_topk(vocab, rows):
-    """The two-stage selection (chunk maxima, then topk of the chosen chunks) returns topk's values, and ids that
-    hold them; bf16-rounded rows too (ties: any tied column may be returned, as topk's own order is arbitrary)."""
-    from qwen2_triton.runtime.topk import FIRST_STAGE_MIN, chunk_count, largest
+@pytest.mark.parametrize("vocab,rows", [(4096, 64), (152064, 2), (1000, 3)])
+def test_cpu_row_selections_are_torchs(vocab, rows):
+    """The CPU selections (numpy's) against torch's: argmax/argmin (first of equal values), and the largest entries
+    (numpy's argpartition from 2^16 elements, else torch.topk): topk's values, descending, and columns that hold
+    them; bf16-rounded rows too (ties: any tied column may come back, as topk's own choice among them is
+    unspecified)."""
+    from qwen2_triton.runtime.row_select import argmax, argmin, largest
 
     g = torch.Generator().manual_seed(vocab)
     for x in (torch.randn(rows, vocab, generator=g) * 3, (torch.randn(rows, vocab, generator=g) * 3).bfloat16().float()):
+        x[0, :5] = float("-inf")  # grammar-masked columns
         for width in (1, 23, 46, 116):
-            vals, ids, outside = largest(x, width)
+            vals, ids = largest(x, width)
             assert torch.equal(vals, x.topk(width).values) and torch.equal(x.gather(1, ids), vals)
-            two_stage = chunk_count(vocab, width) > 1 and x.numel() >= FIRST_STAGE_MIN and \
-                width + 1 <= vocab // chunk_count(vocab, width)
-            assert (outside is not None) == two_stage
-            if outside is not None:  # the largest value left out is at most the width-th kept one
-                assert (outside[:, 0] <= vals[:, -1]).all()
+            assert ids.dtype == torch.int64 and len(set(ids[0].tolist())) == width
+        assert torch.equal(argmax(x), x.argmax(-1)) and torch.equal(argmin(x), x.argmin(-1))
+        assert torch.equal(argmax(x, keepdim=True), x.argmax(-1, keepdim=True))
+
+
+def test_race_is_the_argmax_of_p_over_e():
+    """The draw's fused form (one-op uniform, argmin of p / log u) picks the column argmax(p / E) picks, E from
+    bits_to_exponential: over every 24-bit uniform, and on rows with zeros and exact ties."""
+    from qwen2_triton.runtime.sampling_noise import race
+
+    k = torch.arange(1 << 24, dtype=torch.int64)
+    f = k.float()
+    assert torch.equal(f.clone().add_(0.5).mul_(1.0 / (1 << 24)), torch.add(torch.tensor(2.0 ** -25), f, alpha=2.0 ** -24))
+    g = torch.Generator().manual_seed(0)
+    B, N = 512, 64
+    probs = torch.rand(B, N, generator=g).mul_(torch.rand(B, N, generator=g) > 0.5).round(decimals=2)  # ties, zeros
+    probs[:, 0] = 0.5
+    keys = torch.randint(0, 2**32, (B,), generator=g)
+    ids = torch.randint(0, 152064, (B, N), generator=g)
+    want = (probs / noise_from_keys(keys, ids)).argmax(-1, keepdim=True)
+    assert torch.equal(race(probs.clone(), keys, ids), want)
 
 
 def test_noise_at_equals_the_full_row_noise():
@@ -162,7 +182,7 @@ def test_ties_past_the_window_keep_every_tied_token():
                         frequency_penalty=torch.zeros(B), seeds=torch.arange(B), steps=torch.zeros(B, dtype=torch.int64))
     assert window_width(5, V) < 104
     d = draw(logits, t)
-    assert d.redo is not None and bool(d.redo.all())
+    assert d.flagged and bool((d.tokens < 0).all())
     got = d.resolve()[0]
     assert torch.equal(got, old_sample(logits, t))
     assert len(set(got.tolist()) & set(tied.tolist())) > 50  # the tied tokens past the window are drawn
@@ -236,38 +256,52 @@ def test_sparse_penalties_equal_the_dense_ones():
 
 
 def test_token_history_rows_give_the_dense_penalties():
-    """TokenHistory (slot rows padded with the row's first token, one token recorded per step) gives the dense
-    tables' penalised logits exactly, at every column, beside a row without penalties (a slot it never filled)."""
-    from qwen2_triton.runtime.token_history import TokenHistory
+    """Slot rows (padded with the row's first token) read into a BatchHistory, one token appended per step, written
+    back and read again past its APPEND columns: the dense tables' penalised logits exactly, at every column,
+    beside a row without penalties (a slot never filled)."""
+    from qwen2_triton.runtime import token_history
+    from qwen2_triton.runtime.token_history import BatchHistory, TokenHistory
 
     V = 50
-    h = TokenHistory(num_slots=6, vocab=V, max_len=30, device=torch.device("cpu"))
+    table = TokenHistory(num_slots=6, vocab=V, max_len=40, device=torch.device("cpu"))
     prompts, outputs = {3: [7, 8, 7, 9], 1: [20]}, {3: [9], 1: []}
-    h.fill([3, 1], [prompts[3], prompts[1]], [outputs[3], outputs[1]], counts=True)
-    h.forget([0])
+    table.fill([3, 1], [prompts[3], prompts[1]], [outputs[3], outputs[1]], counts=True)
+    table.forget([0])
     slots = torch.tensor([3, 0, 1])
+    position = torch.tensor([5, 2, 1])  # prompt + output lengths (the unpenalised row's: anything in range)
     g = torch.Generator().manual_seed(0)
-    for step in range(5):
-        new = torch.randint(0, V, (3,), generator=g)
-        positions = torch.tensor([len(prompts[3]) + len(outputs[3]), 0, len(prompts[1]) + len(outputs[1])])
-        ids, counts = h.gather(slots, slots.numpy(), counts=True)
-        logits = torch.randn(3, V, generator=g) * 2
-        t = SamplingTensors(temperature=torch.ones(3), top_k=torch.full((3,), V), top_p=torch.ones(3),
-                            min_p=torch.zeros(3), repetition_penalty=torch.tensor([1.3, 1.0, 0.7]),
-                            presence_penalty=torch.tensor([0.5, 0.0, -0.4]),
-                            frequency_penalty=torch.tensor([0.25, 0.0, 1.0]), seeds=torch.zeros(3, dtype=torch.int64),
-                            steps=torch.zeros(3, dtype=torch.int64), history_ids=ids, history_counts=counts)
-        dense = SamplingTensors(**{**t.__dict__, "history_ids": None, "history_counts": None, "cache": {}})
-        dense.seen_mask = torch.zeros(3, V, dtype=torch.bool)
-        dense.output_counts = torch.zeros(3, V)
-        for b, slot in ((0, 3), (2, 1)):
-            dense.seen_mask[b, prompts[slot] + outputs[slot]] = True
-            for tok in outputs[slot]:
-                dense.output_counts[b, tok] += 1
-        assert torch.equal(apply_penalties(logits, t), apply_penalties(logits, dense)), f"step {step}"
-        h.record(slots, slots.numpy(), positions, new)
-        outputs[3].append(int(new[0]))
-        outputs[1].append(int(new[2]))
+    old_append, token_history.APPEND = token_history.APPEND, 4  # a write-back and a fresh read within the test
+    try:
+        h = BatchHistory(table, slots, slots.numpy(), position)
+        for step in range(11):
+            if step == 6:  # the batch changes: written back, read again
+                h.write_back()
+                h = BatchHistory(table, slots, slots.numpy(), h.position)
+            ids = h.ids()
+            logits = torch.randn(3, V, generator=g) * 2
+            t = SamplingTensors(temperature=torch.ones(3), top_k=torch.full((3,), V), top_p=torch.ones(3),
+                                min_p=torch.zeros(3), repetition_penalty=torch.tensor([1.3, 1.0, 0.7]),
+                                presence_penalty=torch.tensor([0.5, 0.0, -0.4]),
+                                frequency_penalty=torch.tensor([0.25, 0.0, 1.0]),
+                                seeds=torch.zeros(3, dtype=torch.int64), steps=torch.zeros(3, dtype=torch.int64),
+                                history_ids=ids, history_counts=h.counts(ids))
+            dense = SamplingTensors(**{**t.__dict__, "history_ids": None, "history_counts": None, "cache": {}})
+            dense.seen_mask = torch.zeros(3, V, dtype=torch.bool)
+            dense.output_counts = torch.zeros(3, V)
+            for b, slot in ((0, 3), (2, 1)):
+                dense.seen_mask[b, prompts[slot] + outputs[slot]] = True
+                for tok in outputs[slot]:
+                    dense.output_counts[b, tok] += 1
+            assert torch.equal(apply_penalties(logits, t), apply_penalties(logits, dense)), f"step {step}"
+            new = torch.randint(0, V, (3,), generator=g)
+            h.append(new)
+            outputs[3].append(int(new[0]))
+            outputs[1].append(int(new[2]))
+    finally:
+        token_history.APPEND = old_append
+    h.write_back()
+    assert table.length[[3, 1, 0]].tolist() == [16, 12, 0]
+    assert table.ids[3, :16].tolist() == prompts[3] + outputs[3]
 
 
 # -------------------------------------------------------------------------------------------------- the engine
