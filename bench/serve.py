@@ -55,7 +55,8 @@ WORDS = ("time year people way day man thing woman life child world school state
          "home water room mother area money story fact month lot right study book eye job word business issue "
          "side kind head house service friend father power hour game line end member law car city community name "
          "president team minute idea kid body information back parent face others level office door health person "
-         "art war history party result change morning reason research girl guy moment air teacher force education").split()
+         "art war history party result change morning reason research girl guy moment air teacher force "
+         "education").split()
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -97,34 +98,42 @@ def compute_metrics(results: list[RequestResult], duration: float) -> dict:
     return m
 
 
-class OtherCpu:
-    """Cores kept busy by every process except this one and the launched server, over a phase (Linux /proc;
-    NaN elsewhere). On a shared machine this tells a slow run from a crowded one: both phases of
-    --offline-compare carry it, and a ratio taken while others ran is not a ratio of the two paths."""
+class CpuMeter:
+    """CPU seconds spent over a phase (Linux /proc; NaN elsewhere) by each watched process (this one, the launched
+    server), and the cores every other process kept busy meanwhile. On a shared machine throughput follows the
+    share of the CPU a phase got, so each phase records both: CPU seconds per output token compare the two paths'
+    work whatever the neighbours did, and the other processes' cores tell a crowded run from a slow one."""
 
-    def __init__(self, pids=()):
-        self.pids = [os.getpid(), *pids]
+    def __init__(self, pids: dict[str, int | None]):
+        self.pids = {name: pid for name, pid in pids.items() if pid is not None}
+        self.missing = [name for name, pid in pids.items() if pid is None]
         self.start = self._read()
 
-    def _read(self) -> tuple[float, float, float] | None:
+    def _read(self) -> tuple[float, dict[str, float], float] | None:
+        hz = os.sysconf("SC_CLK_TCK")
         try:
             with open("/proc/stat") as f:
                 ticks = [int(x) for x in f.readline().split()[1:]]
-            ours = 0
-            for pid in self.pids:
+            cpu = {}
+            for name, pid in self.pids.items():
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-                ours += int(fields[11]) + int(fields[12])  # utime + stime, every thread of the process
+                cpu[name] = (int(fields[11]) + int(fields[12])) / hz  # utime + stime, every thread
         except (OSError, ValueError, IndexError):
             return None
         busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user..steal, less idle and iowait
-        return busy / os.sysconf("SC_CLK_TCK"), ours / os.sysconf("SC_CLK_TCK"), time.monotonic()
+        return busy / hz, cpu, time.monotonic()
 
-    def cores(self) -> float:
+    def stop(self) -> dict[str, float]:
+        """{"other_cpu_cores": ..., "<name>_cpu_s": ... per watched process}."""
         end = self._read()
+        out = {f"{name}_cpu_s": math.nan for name in [*self.pids, *self.missing]}
         if self.start is None or end is None or end[2] <= self.start[2]:
-            return math.nan
-        return max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1])) / (end[2] - self.start[2])
+            return {"other_cpu_cores": math.nan, **out}
+        ours = {name: end[1][name] - self.start[1][name] for name in self.pids}
+        others = (end[0] - self.start[0]) - sum(ours.values())
+        out.update({f"{name}_cpu_s": v for name, v in ours.items()})
+        return {"other_cpu_cores": max(0.0, others) / (end[2] - self.start[2]), **out}
 
 
 # --------------------------------------------------------------------------------------------------- prompts
@@ -214,7 +223,7 @@ def _content(choice: dict, endpoint: str) -> str:
 async def probe(c: httpx.AsyncClient, interval: float, stop: asyncio.Event) -> dict[str, list[float]]:
     """GET /health and /metrics every ``interval`` s until ``stop``; their latencies in seconds."""
     got = {"/health": [], "/metrics": []}
-    while not stop.is_set():
+    while interval > 0 and not stop.is_set():
         for path in got:
             t = time.perf_counter()
             try:
@@ -233,7 +242,7 @@ class LoadRun:
     results: list[RequestResult]
     duration: float  # first request sent -> last response ended, seconds
     probes: dict[str, list[float]]  # GET path -> latencies, seconds
-    other_cpu_cores: float
+    cpu: dict[str, float]  # CpuMeter.stop() of the timed part: server_cpu_s, client_cpu_s, other_cpu_cores
 
 
 async def run_load(a, base_url: str, headers: dict, server_pid: int | None) -> LoadRun:
@@ -257,7 +266,7 @@ async def run_load(a, base_url: str, headers: dict, server_pid: int | None) -> L
 
         stop = asyncio.Event()
         probing = asyncio.ensure_future(probe(probe_client, a.probe_interval, stop))
-        start, tasks, others = time.perf_counter(), [], OtherCpu([server_pid] if server_pid else [])
+        start, tasks, meter = time.perf_counter(), [], CpuMeter({"client": os.getpid(), "server": server_pid})
         for body in bodies:  # Poisson arrivals: exponential gaps at --request-rate per second
             tasks.append(asyncio.ensure_future(gated(body)))
             if a.request_rate != math.inf:
@@ -265,9 +274,9 @@ async def run_load(a, base_url: str, headers: dict, server_pid: int | None) -> L
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         stop.set()
-        other_cpu = others.cores()
+        cpu = meter.stop()
         probes = await probing
-    return LoadRun(prompts, list(results), duration, probes, other_cpu)
+    return LoadRun(prompts, list(results), duration, probes, cpu)
 
 
 # ------------------------------------------------------------------------------- launched server, offline run
@@ -280,7 +289,7 @@ def serve_namespace(serve_args: str):
 
 @contextlib.contextmanager
 def launched_server(serve_args: str, timeout: float):
-    """``qwen2-triton serve`` in a subprocess on a free 127.0.0.1 port until the block ends; yields its URL."""
+    """``qwen2-triton serve`` in a subprocess on a free 127.0.0.1 port until the block ends; yields (URL, pid)."""
     import socket
 
     with socket.socket() as s:
@@ -291,6 +300,9 @@ def launched_server(serve_args: str, timeout: float):
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads it while the server runs
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        # SIGTERM (a `timeout`, a CI limit) would end this process without its finally blocks and leave the server
+        # running with the CPU to itself: make it unwind like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
         try:
             log.info("launched %s; waiting for %s/health", shlex.join(cmd[1:]), url)
             deadline = time.monotonic() + timeout
@@ -309,6 +321,18 @@ def launched_server(serve_args: str, timeout: float):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _healthy(url: str) -> bool:
@@ -318,9 +342,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def offline_output_throughput(a, prompts: list[str]) -> tuple[float, float]:
-    """(output tokens/s, OtherCpu cores) of the same prompts through offline LLM.generate / LLM.chat, after one
-    warm-up call."""
+def offline_run(a, prompts: list[str]) -> dict[str, float]:
+    """Output tokens/s, CPU seconds per output token and the other processes' cores (CpuMeter) of the same prompts
+    through offline LLM.generate / LLM.chat, after one warm-up call."""
     from qwen2_triton import LLM, SamplingParams
     from qwen2_triton.cli import _engine_kwargs
 
@@ -336,10 +360,13 @@ def offline_output_throughput(a, prompts: list[str]) -> tuple[float, float]:
         return llm.generate(ps, params)
 
     run(prompts[:1], SamplingParams(max_tokens=min(a.output_len, 4), temperature=a.temperature, ignore_eos=True))
-    t, others = time.perf_counter(), OtherCpu()
+    t, meter = time.perf_counter(), CpuMeter({"offline": os.getpid()})
     outs = run(prompts, sp)
-    tps = sum(len(c.token_ids) for o in outs for c in o.outputs) / (time.perf_counter() - t)
-    return tps, others.cores()
+    seconds, cpu = time.perf_counter() - t, meter.stop()
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"offline_output_throughput": tokens / seconds,
+            "offline_cpu_ms_per_token": cpu["offline_cpu_s"] / tokens * 1e3,
+            "offline_other_cpu_cores": cpu["other_cpu_cores"]}
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -360,6 +387,8 @@ def report(m: dict) -> None:
             ("Request throughput (req/s)", m["request_throughput"]),
             ("Output token throughput (tok/s)", m["output_throughput"]),
             ("Total token throughput (tok/s)", m["total_token_throughput"]),
+            ("Server CPU per output token (ms)", m["server_cpu_ms_per_token"]),
+            ("Client CPU per output token (ms)", m["client_cpu_ms_per_token"]),
             ("Other processes' CPU use (cores)", m["other_cpu_cores"])]
     for name, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
                         ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency"),
@@ -370,8 +399,10 @@ def report(m: dict) -> None:
     if "offline_output_throughput" in m:
         rows += [("-Offline LLM, same requests-", None),
                  ("Offline output throughput (tok/s)", m["offline_output_throughput"]),
+                 ("Offline CPU per output token (ms)", m["offline_cpu_ms_per_token"]),
                  ("Other processes' CPU use (cores)", m["offline_other_cpu_cores"]),
-                 ("Server / offline output throughput", m["server_over_offline"])]
+                 ("Server / offline output throughput", m["server_over_offline"]),
+                 ("Offline / server CPU per output token", m["cpu_offline_over_server"])]
     for label, v in rows:
         if v is None:
             print(f"{label:-^60}")
@@ -398,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random tokens through the server's /detokenize + /tokenize (default), or random words")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--probe-interval", type=float, default=0.2, help="seconds between /health + /metrics probes")
+    # 0.5 s: each probe pair costs the server's event loop ~1.7 ms of CPU (0.35% of a core at this rate), and a
+    # minute's run still gives 120 samples for the p99
+    ap.add_argument("--probe-interval", type=float, default=0.5,
+                    help="seconds between GET /health + /metrics probes during the run (0: none)")
     ap.add_argument("--timeout", type=float, default=3600, help="per-request read timeout, seconds")
     ap.add_argument("--launch", action="store_true", help="start `qwen2-triton serve SERVE_ARGS` and stop it after")
     ap.add_argument("--serve-args", default="", help='flags for the launched server, e.g. "--device cpu"')
@@ -429,7 +463,9 @@ def main(argv=None) -> int:
     with server as (url, pid):
         run = asyncio.run(run_load(a, url, headers, pid))
     m = compute_metrics(run.results, run.duration)
-    m["other_cpu_cores"] = run.other_cpu_cores
+    for name in ("server", "client"):
+        m[f"{name}_cpu_ms_per_token"] = run.cpu[f"{name}_cpu_s"] / max(1, m["total_output_tokens"]) * 1e3
+    m["other_cpu_cores"] = run.cpu["other_cpu_cores"]
     for path, values in run.probes.items():
         _, p50, p99 = summarize(values)
         m.update({f"p50_{path[1:]}_ms": p50 * 1e3, f"p99_{path[1:]}_ms": p99 * 1e3})
@@ -437,8 +473,9 @@ def main(argv=None) -> int:
         if not r.ok:
             log.warning("a request failed: %s", r.error)
     if a.offline_compare:
-        m["offline_output_throughput"], m["offline_other_cpu_cores"] = offline_output_throughput(a, run.prompts)
+        m.update(offline_run(a, run.prompts))
         m["server_over_offline"] = m["output_throughput"] / m["offline_output_throughput"]
+        m["cpu_offline_over_server"] = m["offline_cpu_ms_per_token"] / m["server_cpu_ms_per_token"]
     report(m)
     if a.out:
         import torch
@@ -446,12 +483,13 @@ def main(argv=None) -> int:
         from qwen2_triton.bench.e2e import append_rows
 
         row = {"date": datetime.date.today().isoformat(), "machine": a.machine or machine(),
-               "torch": torch.__version__,
-               "server": f"qwen2-triton serve {a.serve_args}".strip() if a.launch else url, "model": a.model, "endpoint": a.endpoint,
-               "num_prompts": a.num_prompts, "request_rate": a.request_rate,
+               "torch": torch.__version__, "threads": torch.get_num_threads(),  # the launched server inherits it
+               "server": f"qwen2-triton serve {a.serve_args}".strip() if a.launch else url, "model": a.model,
+               "endpoint": a.endpoint, "num_prompts": a.num_prompts, "request_rate": a.request_rate,
                "max_concurrency": a.max_concurrency or "", "input_len": a.input_len, "output_len": a.output_len,
                "prompt_source": a.prompt_source, "temperature": a.temperature, "seed": a.seed}
-        row.update({k: f"{v:.3g}" if k == "server_over_offline" else f"{v:.2f}" if isinstance(v, float) else v
+        ratios = ("server_over_offline", "cpu_offline_over_server")
+        row.update({k: f"{v:.3g}" if k in ratios else f"{v:.2f}" if isinstance(v, float) else v
                     for k, v in m.items()})
         append_rows(a.out, [row])
     return 0 if m["completed"] else 1
