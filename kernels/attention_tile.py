@@ -8,10 +8,12 @@ GQA group, padded) it walks keys ``start .. end`` in BLOCK_N tiles and keeps the
 Key n of the sequence lives at cache row ``block_table[n // PAGE] * stride_b + (n % PAGE) * stride_s``; the
 block id is widened to int64 before the multiply because num_blocks x block stride passes 2^31 for large caches.
 
-Page ids are read once per tile, not once per key: a tile of BLOCK_N keys starting at a multiple of BLOCK_N
-covers BLOCK_N / PAGE whole pages (BLOCK_N >= PAGE) or lies inside one page (PAGE > BLOCK_N); the per-key
-gather remains only for block sizes that are neither (not a power of two). Per key, 64 keys of a 16-token page
-were 67 scalar ld.global.b32 per program in the sm_90 PTX of the decode kernel.
+Page ids are read with one vector load per tile (BLOCK_N entries, repeating within a page), one tile ahead of
+the K/V loads that use them, so Triton's pipeliner copies ids and tiles asynchronously and double-buffers K/V
+(2x64x128 in shared memory at num_stages 3 for decode). Before, the ids came from scalar loads per key in the
+same iteration (67 ld.global.b32 in the decode kernel's sm_90 PTX) and K/V stayed single-buffered at every
+num_stages. One id per page through tl.reshape compiled the same on triton 3.9 but stopped the pipeliner on
+3.6, the GPU image's version (no cp.async at all, 212-255 registers, spills), so it is not used.
 """
 from __future__ import annotations
 
@@ -20,33 +22,12 @@ import triton.language as tl
 
 
 @triton.jit
-def kv_offsets(bt_ptr, n0, kv_limit, stride_b, stride_s, MASKED: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Cache-row offsets (BLOCK_N,) int64 of keys n0 .. n0 + BLOCK_N (n0 a multiple of BLOCK_N). MASKED: block
-    table entries of pages past kv_limit are not read (they may lie past the sequence's row of the table)."""
-    if BLOCK_N % PAGE == 0:  # whole pages: one id per page, broadcast over its rows
-        NP: tl.constexpr = BLOCK_N // PAGE
-        p = n0 // PAGE + tl.arange(0, NP)
-        if MASKED:
-            page = tl.load(bt_ptr + p, mask=p * PAGE < kv_limit, other=0).to(tl.int64)
-        else:
-            page = tl.load(bt_ptr + p).to(tl.int64)
-        r = tl.arange(0, PAGE)
-        off = tl.reshape(page[:, None] * stride_b + r[None, :] * stride_s, (BLOCK_N,))
-    elif PAGE % BLOCK_N == 0:  # the tile lies inside one page: one scalar id
-        if MASKED:
-            page = tl.load(bt_ptr + n0 // PAGE, mask=n0 < kv_limit, other=0).to(tl.int64)
-        else:
-            page = tl.load(bt_ptr + n0 // PAGE).to(tl.int64)
-        off = page * stride_b + (n0 % PAGE + tl.arange(0, BLOCK_N)) * stride_s
-    else:  # a block size that is not a power of two: gather per key
-        n = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            page = tl.load(bt_ptr + n // PAGE, mask=n < kv_limit, other=0).to(tl.int64)
-        else:
-            page = tl.load(bt_ptr + n // PAGE).to(tl.int64)
-        off = page * stride_b + (n % PAGE) * stride_s
-    return off
+def kv_offsets(bt_ptr, n0, kv_limit, stride_b, stride_s, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cache-row offsets (BLOCK_N,) int64 of keys n0 .. n0 + BLOCK_N. Block-table entries of keys past kv_limit
+    are not read (they may lie past the sequence's row of the table)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    page = tl.load(bt_ptr + n // PAGE, mask=n < kv_limit, other=0).to(tl.int64)
+    return page * stride_b + (n % PAGE) * stride_s
 
 
 @triton.jit
@@ -61,9 +42,9 @@ def attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_b, stride_s, sta
     # Page ids one tile ahead: this tile's K/V addresses come from the previous iteration, so the pipeliner can
     # issue the next tile's copies while this one is computed (a same-iteration page load kept K/V
     # single-buffered at every num_stages).
-    off = kv_offsets(bt_ptr, start, kv_limit, stride_b, stride_s, True, PAGE, BLOCK_N)
+    off = kv_offsets(bt_ptr, start, kv_limit, stride_b, stride_s, PAGE, BLOCK_N)
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
-        off_next = kv_offsets(bt_ptr, n0 + BLOCK_N, kv_limit, stride_b, stride_s, True, PAGE, BLOCK_N)
+        off_next = kv_offsets(bt_ptr, n0 + BLOCK_N, kv_limit, stride_b, stride_s, PAGE, BLOCK_N)
         n = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
             kv_ok = n < kv_limit

@@ -74,9 +74,10 @@ def prefill_config(head_dim: int, dtype: torch.dtype, cap: int | None = None) ->
     bf16/fp16 on sm_90 (wgmma): a warpgroup (4 warps) issues m64 instructions, so a tile needs 64 rows per
       warpgroup or the warpgroups compute the same rows: 64x64 with 8 warps had its QK^T laid out
       warpsPerCTA [8, 1] (both warpgroups the whole 64x64 QK^T and softmax: 16 wgmma m64n32k16 per tile each,
-      68 ex2 per thread). 128x64, 8 warps: 64 rows per warpgroup, 172 registers, no spill, 96 KB shared.
-      head_dim 64 keeps 64x64 with 4 warps (one warpgroup, 64 rows).
-    bf16/fp16 elsewhere (mma.sync, m16 per warp): head_dim 64: 64x64 tiles, 4 warps: 192 registers, no spill.
+      68 ex2 per thread). 128x64, 8 warps, 3 stages: 64 rows per warpgroup, K/V triple-buffered, 186 registers
+      (184 on triton 3.6), no spill, 132,096 B shared. head_dim 64 keeps 64x64 with 4 warps (one warpgroup).
+    bf16/fp16 elsewhere (mma.sync, m16 per warp): head_dim 64: 128x64 tiles, 8 warps: 177 | 182 registers on
+      sm_80 | sm_86 (174 on triton 3.6), no spill; 64x64 with 4 warps spilled 8-12 B at 168 registers on 3.9.
       head_dim 128: 64x64 tiles, 8 warps: with 4 warps sm_80 hit 255 registers and spilled 56 B; 8 warps: 174,
       no spill, 56 KB shared memory.
     fp32 (tests and debugging, not a serving dtype): "ieee" dots on CUDA cores spilled kilobytes at every tile
@@ -87,7 +88,9 @@ def prefill_config(head_dim: int, dtype: torch.dtype, cap: int | None = None) ->
     if dtype == torch.float32:
         return AttnConfig(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2, dot_precision="tf32x3")
     if head_dim <= 64:
-        return AttnConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        if cap == 90:
+            return AttnConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return AttnConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     if cap == 90:
         return AttnConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return AttnConfig(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
@@ -97,7 +100,8 @@ def decode_config(head_dim: int, dtype: torch.dtype, group: int) -> AttnConfig:
     """Split-KV decode: the GQA group's query heads are the rows of one tl.dot, padded to >= 16 because the
     smallest mma tile has 16 rows (the padding costs tensor-core cycles, not memory traffic: decode is memory
     bound). bf16/fp16: BLOCK_N=64 keys per tile, 4 warps, 3 stages: the K and V tiles double-buffered in shared
-    memory (2 stages left them single-buffered: the next tile's copy waited for this tile's dots).
+    memory (2 stages leave them single-buffered: the next tile's copy waits for this tile's dots); head_dim 128:
+    152 | 158 registers sm_90 | sm_80 (164 | 168 on triton 3.6), 72,192 B shared, no spill.
     fp32: "ieee" dots (a 16-row tile is small enough for CUDA cores), BLOCK_N=32, not pipelined (1 stage):
     72 | 64 registers with 4 warps at head_dim 64, 64 | 64 with 8 warps at head_dim 128, no spill; pipelined
     (2 stages) the CUDA-core dot's operands took 211 | 170 and spilled 300 B at head_dim 128 (tf32x3: 168)."""
@@ -149,14 +153,14 @@ def _fits(cfgs, head_dim: int, dtype: torch.dtype, cap: int | None) -> list[Attn
 
 # Tuning candidates after the heuristic default, per MMA family (sm_90: wgmma, 64 rows per warpgroup; else
 # mma.sync) and head_dim, as (BLOCK_M, BLOCK_N, warps, stages). Each compiles without a spill on its arch
-# (kernels/compile_check.py); left out for spilling there: on mma.sync 64x64w4s3 and 64x32w4s2 at head_dim 64
-# (4 B), 128x64w8s2 at 128 (68 B), 128x128w8s2 at 128 (76 B); in decode at head_dim 128 16x64w8s3 (4 B on
-# sm_90), 16x128w8s3 (12 B on sm_90) and at head_dim 64 16x128w4s3 (4 B on sm_80).
+# (kernels/compile_check.py, triton 3.6 and 3.9). Left out for spilling there: on mma.sync 64x64w4s2, 64x64w4s3
+# and 64x32w4s2 at head_dim 64 (4-12 B), 128x64w8s2 and 128x128w8s2 at 128 (68-76 B); in decode at head_dim
+# 128 16x64w8s3 (4 B on sm_90), 16x128w8s3 (12 B on sm_90), at head_dim 64 16x128w4s3 (4 B on sm_80).
 _PREFILL_CANDIDATES = {
     ("wgmma", 64): [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2), (128, 128, 8, 2),
                     (64, 32, 4, 2)],
     ("wgmma", 128): [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-    ("mma", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2)],
+    ("mma", 64): [(128, 64, 8, 3), (128, 32, 4, 2)],
     ("mma", 128): [(64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
 _DECODE_CANDIDATES = {  # BLOCK_N, warps, stages (BLOCK_M is the padded group)
