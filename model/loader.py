@@ -17,6 +17,7 @@ import torch
 from qwen2_triton.model.config import Qwen2Config
 from qwen2_triton.model.quantization import quantized_tensors
 from qwen2_triton.model.qwen2 import Qwen2Model
+from qwen2_triton.model.sharding import iter_safetensors_shard, shard_tensors
 from qwen2_triton.model.weights import iter_safetensors, load_into, safetensors_files
 
 # generation_config.json keys that become SamplingParams defaults (vLLM's convention)
@@ -39,16 +40,34 @@ def is_gguf_file(path: str) -> bool:
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progress: bool = True,
-               quantization: str = "auto") -> LoadedModel:
-    given = str(path)
-    path = os.path.expanduser(given)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path does not exist: {path}" + _hub_id_hint(given))
+               quantization: str = "auto",
+               tp=None) -> LoadedModel:
+    """tp: runtime/parallel_state.py TensorParallel: load only this rank's slices (model/sharding.py)."""
+    path = _existing(path)
     if os.path.isdir(path):
-        return _load_hf_dir(path, dtype, device, ops, progress, quantization)
+        return _load_hf_dir(path, dtype, device, ops, progress, quantization, tp)
     if is_gguf_file(path):
-        return _load_gguf(path, dtype, device, ops, progress)
+        return _load_gguf(path, dtype, device, ops, progress, tp)
     raise ValueError(f"{path} is neither a checkpoint directory (config.json + safetensors) nor a GGUF file")
+
+
+def read_config(path: str) -> Qwen2Config:
+    """The model's config alone, without a weight (a GGUF's metadata is parsed, its tensors are not read)."""
+    path = _existing(path)
+    if os.path.isdir(path):
+        return Qwen2Config.from_file(os.path.join(path, "config.json"))
+    if is_gguf_file(path):
+        from qwen2_triton.model.gguf_loader import load_gguf
+
+        return Qwen2Config.from_dict(load_gguf(path, progress=False).config, source=path)
+    raise ValueError(f"{path} is neither a checkpoint directory (config.json + safetensors) nor a GGUF file")
+
+
+def _existing(given) -> str:
+    path = os.path.expanduser(str(given))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path does not exist: {path}" + _hub_id_hint(str(given)))
+    return path
 
 
 # owner/name as the Hub spells repository ids; "./x", "/x", "~/x" and "x.gguf" are meant as local paths
@@ -65,27 +84,29 @@ def _hub_id_hint(given: str) -> str:
             f"< 0.34), then pass that directory: model='{local}'")
 
 
-def _load_hf_dir(path: str, dtype, device, ops, progress, quantization) -> LoadedModel:
+def _load_hf_dir(path: str, dtype, device, ops, progress, quantization, tp) -> LoadedModel:
     from qwen2_triton.model.tokenizer import Tokenizer
 
     cfg = Qwen2Config.from_file(os.path.join(path, "config.json"))
     files = safetensors_files(path)
     tokenizer = Tokenizer.from_dir(path)
-    model = Qwen2Model(cfg, ops, dtype, device)
-    tensors = quantized_tensors(path, model, iter_safetensors(files), quantization)  # GPTQ / AWQ projections
-    load_into(model.params, cfg, tensors, source=path, progress=progress)
+    model = Qwen2Model(cfg, ops, dtype, device, tp=tp)
+    tensors = iter_safetensors(files) if tp is None else iter_safetensors_shard(files, model.shard)
+    tensors = quantized_tensors(path, model, tensors, quantization)  # GPTQ / AWQ projections
+    load_into(model.params, model.local_cfg, tensors, source=path, progress=progress)
     gen = _read_generation_config(os.path.join(path, "generation_config.json"))
     eos = _eos_ids(cfg.eos_token_id, gen.pop("eos_token_id", ()), tokenizer)
     return LoadedModel(model, tokenizer, gen, eos, path)
 
 
-def _load_gguf(path: str, dtype, device, ops, progress) -> LoadedModel:
+def _load_gguf(path: str, dtype, device, ops, progress, tp) -> LoadedModel:
     from qwen2_triton.model.gguf_loader import load_gguf
 
     g = load_gguf(path, dtype=dtype, device="cpu", progress=False)
     cfg = Qwen2Config.from_dict(g.config, source=path)
-    model = Qwen2Model(cfg, ops, dtype, device)
-    load_into(model.params, cfg, _items(g.tensors), source=path, progress=progress)
+    model = Qwen2Model(cfg, ops, dtype, device, tp=tp)
+    tensors = _items(g.tensors) if tp is None else shard_tensors(_items(g.tensors), model.shard, path)
+    load_into(model.params, model.local_cfg, tensors, source=path, progress=progress)
     defaults = _sampling_defaults(g.generation_defaults or {})
     eos = _eos_ids(cfg.eos_token_id, (), g.tokenizer)
     return LoadedModel(model, g.tokenizer, defaults, eos, path)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from qwen2_triton.kernels.attention import AttentionMetadata
 from qwen2_triton.kernels.rotary import build_cos_sin_cache, concat_cos_sin
 from qwen2_triton.model.config import Qwen2Config
+from qwen2_triton.model.sharding import TPShard
 
 
 def parameter_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
@@ -40,9 +41,15 @@ def parameter_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
 class Qwen2Model:
     """Parameters in a flat dict plus a forward over a packed batch; no autograd, no nn.Module machinery."""
 
-    def __init__(self, cfg: Qwen2Config, ops, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: Qwen2Config, ops, dtype: torch.dtype, device: torch.device, tp=None):
         self.cfg, self.ops, self.dtype, self.device = cfg, ops, dtype, device
-        self.params = {n: torch.empty(s, dtype=dtype, device=device) for n, s in parameter_shapes(cfg).items()}
+        # Tensor parallelism (tp: runtime/parallel_state.py TensorParallel, None on one device): this rank holds
+        # the heads, MLP columns and vocabulary rows of model/sharding.py; local_cfg has its shapes (cfg without tp)
+        self.tp = tp
+        self.shard = TPShard(cfg, tp.rank, tp.world) if tp is not None else None
+        self.local_cfg = self.shard.local_config() if tp is not None else cfg
+        self.params = {n: torch.empty(s, dtype=dtype, device=device)
+                       for n, s in parameter_shapes(self.local_cfg).items()}
         # One buffer, one table per rope mode ("plain", and "yarn" when config.json has rope_scaling): a token
         # reads row position + rope_offsets[its request's mode], so one batch mixes modes.
         tables = cfg.rope_tables()
@@ -64,12 +71,15 @@ class Qwen2Model:
         ``rope_offsets`` of its request's rope mode; None: every token in the config's own mode
         (cfg.static_rope_mode, as HF runs it). Returns float32 logits (len(logits_rows), vocab) for the requested
         rows (all rows when None)."""
-        cfg, ops, P = self.cfg, self.ops, self.params
+        cfg, ops, P, tp = self.local_cfg, self.ops, self.params, self.tp  # this rank's heads and widths
         T = input_ids.shape[0]
         if rope_rows is None:
             offset = self.rope_offsets[cfg.static_rope_mode]
             rope_rows = positions + offset if offset else positions
-        h = F.embedding(input_ids, P["model.embed_tokens.weight"])  # (T, H)
+        if tp is None:
+            h = F.embedding(input_ids, P["model.embed_tokens.weight"])  # (T, H)
+        else:
+            h = tp.embedding(input_ids, P["model.embed_tokens.weight"], self.shard.vocab_start)
         residual = None
         for n in range(cfg.num_hidden_layers):
             p = f"model.layers.{n}."
@@ -87,9 +97,16 @@ class Qwen2Model:
             ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             a = ops.attention(q, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
             h = ops.linear(a.reshape(T, cfg.q_size), P[p + "self_attn.o_proj.weight"])
+            if tp is not None:
+                tp.all_reduce(h)  # row-parallel o_proj: each rank's heads give a partial sum
             x, residual = ops.rms_norm(h, P[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps, residual)
             h = ops.linear(ops.swiglu(ops.linear(x, P[p + "mlp.gate_up_proj.weight"])), P[p + "mlp.down_proj.weight"])
+            if tp is not None:
+                tp.all_reduce(h)  # row-parallel down_proj
         x, _ = ops.rms_norm(h, P["model.norm.weight"], cfg.rms_norm_eps, residual)
         if logits_rows is not None:
             x = x[logits_rows]
-        return ops.linear(x, self.lm_head).float()
+        logits = ops.linear(x, self.lm_head)  # (R, V), or (R, V/N) of this rank's rows
+        if tp is not None:
+            logits = tp.gather_logits(logits, self.cfg.vocab_size)
+        return logits.float()

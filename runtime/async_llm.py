@@ -131,6 +131,8 @@ class AsyncLLM:
         self._stop.set()
         self._inbox.put(None)  # wake the thread
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # the engine thread owns the core until it ends
+            self.core.close()  # tensor-parallel workers stop
 
     # ------------------------------------------------------------------------------------------ engine thread
     def _run(self) -> None:

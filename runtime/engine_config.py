@@ -54,6 +54,11 @@ class EngineConfig:
         tuning_cache: path of the tuning cache file (default $QWEN2_TRITON_CACHE or ~/.cache/qwen2_triton,
             file tuning.json).
         progress: a progress bar while weights load.
+        tensor_parallel_size: shard the model over this many processes (one per GPU; gloo processes on the
+            CPU), Megatron-style: whole attention heads and an equal share of the MLP per rank, KV heads
+            replicated when ranks outnumber them. N > 1 spawns N-1 workers on this machine, or joins the group
+            torchrun formed (rank 0 drives, the others serve inside ``LLM(...)``); ``LLM.close()`` stops them.
+            Must divide the attention heads and the intermediate size. 1: one process, no process group.
     """
     model: Any = None
     dtype: str | torch.dtype = "auto"
@@ -73,6 +78,7 @@ class EngineConfig:
     tune: bool = True
     tuning_cache: str | None = None
     progress: bool = True
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.generation_config not in GENERATION_CONFIG_CHOICES:
@@ -82,7 +88,7 @@ class EngineConfig:
             raise ValueError(f"rope_scaling must be one of {ROPE_SCALING_CHOICES}, got {self.rope_scaling!r}")
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             v = getattr(self, name)
             if not _int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -92,6 +98,13 @@ class EngineConfig:
                                                  or self.kv_cache_tokens < self.block_size):
             raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({self.block_size}), "
                              f"got {self.kv_cache_tokens!r}")
+        if self.tensor_parallel_size > 1:
+            from qwen2_triton.model.loader import LoadedModel
+
+            if isinstance(self.model, LoadedModel):
+                raise ValueError("tensor_parallel_size > 1 needs a model path (a checkpoint directory or a GGUF "
+                                 "file): every rank loads its own shard; a model already in one process's memory "
+                                 "cannot be split")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")

@@ -36,8 +36,35 @@ CPU_DEFAULT_KV_TOKENS = 32768
 GRAMMAR_WAIT_S = 0.05  # a step with only grammar-compiling requests waits this long for one (no spinning)
 
 
+def num_kv_blocks(c: EngineConfig, model, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
+    """KV-cache blocks this process has room for (a tensor-parallel worker asks the same)."""
+    if c.kv_cache_tokens is not None:
+        return -(-c.kv_cache_tokens // c.block_size) + 1  # +1: the reserved dummy block
+    if device.type == "cuda":
+        # vLLM's rule: the KV cache gets what is left of utilization x total after the weights and the
+        # peak of the largest step, measured by a warm-up step on dummy tokens.
+        step_peak = profile_step_memory(model, c.max_num_batched_tokens, c.block_size, dtype)
+        free, total = torch.cuda.mem_get_info(device)
+        usable = free - (1 - c.gpu_memory_utilization) * total - step_peak
+        n = int(usable // kv_bytes_per_block(model, c.block_size, dtype))
+        if n < 2:
+            raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, a step needs "
+                             f"{step_peak / 2**30:.1f} GiB); raise gpu_memory_utilization or pass kv_cache_tokens")
+        return n
+    # CPU: room for one full-length sequence, capped so a YaRN-extended context does not claim GBs unasked
+    return -(-min(max_model_len, CPU_DEFAULT_KV_TOKENS) // c.block_size) + 1
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig):
+        self.tp = None  # runtime/tp_driver.py TPDriver with tensor_parallel_size > 1
+        try:
+            self._start(config)
+        except BaseException:
+            self.close()  # workers already started must not outlive a failed start
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         self.config = c = config
         model = c.model
         if isinstance(model, LoadedModel):
@@ -58,9 +85,15 @@ class EngineCore:
         if isinstance(model, LoadedModel):  # already built (random weights for benchmarks)
             loaded, self.ops = model, model.model.ops
         else:
+            if c.tensor_parallel_size > 1:  # checks the shapes, then starts the other ranks; no weight loaded yet
+                from qwen2_triton.runtime.tp_driver import start_engine_group
+
+                self.tp = start_engine_group(c, model, self.device, self.dtype, kernel_set)
+                self.device = self.tp.tp.device
             self.ops = make_ops(kernel_set, self.device)
             loaded = load_model(model, self.dtype, self.device, self.ops, progress=c.progress,
-                                quantization=c.quantization)
+                                quantization=c.quantization,
+                                tp=self.tp.tp if self.tp else None)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer  # the tokenizer is for the frontends
         self.eos_token_ids = loaded.eos_token_ids
         self.generation_defaults = loaded.generation_defaults if c.generation_config == "auto" else {}
@@ -69,12 +102,17 @@ class EngineCore:
         self.rope = RopePolicy.of(c.rope_scaling, cfg)  # which RoPE table each request gets
         self.max_model_len = self.rope.max_model_len(min(c.max_model_len or cfg.max_model_len, cfg.max_model_len))
         # Kernel choices and tuning come before the KV pool is sized and before graphs are captured.
-        self.plan = plan_kernels(info, self.dtype, self.ops.name, AttentionShape.of(cfg, c.block_size),
+        shape = AttentionShape.of(self.model.local_cfg, c.block_size)  # this rank's heads under tensor parallelism
+        self.plan = plan_kernels(info, self.dtype, self.ops.name, shape,
                                  tune_now=c.tune, reasons=reasons, device=self.device,
                                  cache=TuningCache(c.tuning_cache) if c.tuning_cache is not None else None)
         if hasattr(self.ops, "use_plan"):
             self.ops.use_plan(self.plan)
+        if self.tp:
+            self.tp.send_setup(self.plan, self.max_model_len)
         num_blocks = self._num_kv_blocks()
+        if self.tp:  # every rank's pool holds the same blocks: the smallest any rank has room for
+            num_blocks = self.tp.agree_num_blocks(num_blocks)
         self.blocks = BlockManager(num_blocks, c.block_size, enable_prefix_caching=c.enable_prefix_caching)
         # Grammars (structured output): nothing is built until a request asks for one.
         self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids,
@@ -85,6 +123,9 @@ class EngineCore:
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens,
                                    on_release=self.runner.release, eos_token_ids=self.eos_token_ids,
                                    structured=self.structured)
+        if self.tp:
+            self.runner.on_step = self.tp.send_step
+            self.tp.ready()
         self._seq_ids = itertools.count()
         for line in self.describe():
             log.info("%s", line)
@@ -98,25 +139,16 @@ class EngineCore:
                 "decode runs eagerly (no CUDA device, kernels=torch, or enforce_eager)",
                 f"{cfg.num_hidden_layers} layers, {self.dtype}, {self.device}, kernels={self.ops.name}; KV cache "
                 f"{self.blocks.capacity_tokens} tokens in {self.blocks.num_blocks} blocks of {self.blocks.block_size}",
-                f"context {self.max_model_len} tokens; {self.rope.describe()}"]
+                f"context {self.max_model_len} tokens; {self.rope.describe()}"] + \
+            ([self.tp.describe(self.model)] if self.tp else [])
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; nothing to do on one device)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _num_kv_blocks(self) -> int:
-        c = self.config
-        if c.kv_cache_tokens is not None:
-            return -(-c.kv_cache_tokens // c.block_size) + 1  # +1: the reserved dummy block
-        if self.device.type == "cuda":
-            # vLLM's rule: the KV cache gets what is left of utilization x total after the weights and the
-            # peak of the largest step, measured by a warm-up step on dummy tokens.
-            step_peak = profile_step_memory(self.model, c.max_num_batched_tokens, c.block_size, self.dtype)
-            free, total = torch.cuda.mem_get_info(self.device)
-            usable = free - (1 - c.gpu_memory_utilization) * total - step_peak
-            n = int(usable // kv_bytes_per_block(self.model, c.block_size, self.dtype))
-            if n < 2:
-                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, a step needs "
-                                 f"{step_peak / 2**30:.1f} GiB); raise gpu_memory_utilization or pass kv_cache_tokens")
-            return n
-        # CPU: room for one full-length sequence, capped so a YaRN-extended context does not claim GBs unasked
-        return -(-min(self.max_model_len, CPU_DEFAULT_KV_TOKENS) // c.block_size) + 1
+        return num_kv_blocks(self.config, self.model, self.device, self.dtype, self.max_model_len)
 
     # ------------------------------------------------------------------------------------------------ requests
     @property

@@ -21,7 +21,8 @@ class LLM:
     """A Qwen2-family model ready to generate. Takes every EngineConfig setting as a keyword (runtime/engine_config.py
     documents them): model, dtype, device, kernels, generation_config, max_model_len, rope_scaling, max_num_seqs,
     max_num_batched_tokens, block_size, kv_cache_tokens, gpu_memory_utilization, enforce_eager, tune,
-    tuning_cache, progress. ``llm.plan.describe()`` says which kernels were chosen and why."""
+    tuning_cache, progress, tensor_parallel_size. ``llm.plan.describe()`` says which kernels were chosen and why.
+    ``close()`` (or ``with LLM(...) as llm:``) stops the worker processes of tensor_parallel_size > 1."""
 
     def __init__(self, model=None, **kwargs):
         self.config = EngineConfig(model=model, **kwargs)
@@ -98,6 +99,23 @@ class LLM:
     def stats(self) -> dict:
         """The engine core's counters (EngineCore.stats documents them)."""
         return self.core.stats()
+
+    def close(self) -> None:
+        """Release the engine: with tensor_parallel_size > 1 its worker processes stop and the process group is
+        left (so another LLM can form one). Idempotent; also run by ``with LLM(...) as llm:`` and when the LLM
+        is garbage-collected. Nothing to release on one device."""
+        core = self.__dict__.get("core")
+        if core is not None:
+            core.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
     # ------------------------------------------------------------------------------------------ internals
     def _add(self, prompts, sampling_params) -> list[RequestState]:

@@ -22,14 +22,14 @@ log = logging.getLogger(__name__)
 
 def allocate_kv(model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
     """Per layer, a (num_blocks, block_size, Hk, D) key and value cache."""
-    cfg = model.cfg
+    cfg = model.local_cfg  # this rank's KV heads under tensor parallelism
     shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
     return [(torch.zeros(shape, dtype=kv_dtype, device=model.device),
              torch.zeros(shape, dtype=kv_dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
 
 
 def kv_bytes_per_block(model: Qwen2Model, block_size: int, kv_dtype: torch.dtype) -> int:
-    cfg = model.cfg
+    cfg = model.local_cfg
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * \
         torch.empty((), dtype=kv_dtype).element_size()
 
@@ -98,6 +98,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not enforce_eager and getattr(model.ops, "capturable", False):
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, max_model_len, block_size,
                                               use_graphs=True)
+        self.on_step = None  # called with (chunks, StepInputs) before each step runs
         self.eager_steps = 0  # steps that ran without a graph: prefill and mixed steps, and the fallbacks below
         self.eager_decode_fallbacks = 0  # pure decode steps that ran eagerly although graphs were captured
         # sampling settings, seeds, output indices and penalty histories, per running sequence on the device
@@ -112,6 +113,8 @@ class ModelRunner:
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
         """Prepare the step's inputs, run the model (a captured decode graph when one fits) and sample."""
         step = self._prepare(chunks, blocks)
+        if self.on_step is not None:  # tensor parallelism: every other rank runs this step too (runtime/worker.py)
+            self.on_step(chunks, step)
         with self.model.ops.step_context(), torch.inference_mode():  # the sampler writes the step's logits in place
             logits = self._execute(chunks, step)
             return self._sample(logits, step)

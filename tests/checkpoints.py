@@ -18,6 +18,11 @@ SEEDS = {
     "qwen1.5-4b": (20, 20, 128, 151936, False, 5e6),  # MHA
     "qwen2-7b": (28, 4, 128, 152064, False, 1e6),  # GQA 7:1, untied, 152064 rows
 }
+# Shapes that are no release's but exercise a code path the releases need at some size: one KV head puts more
+# tensor-parallel ranks than KV heads on 2 processes (KV-head replication, as Qwen2-0.5B/1.5B at 4 or 8 GPUs).
+EXTRA_SEEDS = {
+    "gqa-1kv": (8, 1, 64, 151936, True, 1e6),  # GQA 8:1, tied
+}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
@@ -27,7 +32,7 @@ def hf_config(seed: str, yarn: bool = False, layers: int = 2, intermediate: int 
     small one lets a CPU test run requests on both sides of it)."""
     from transformers import Qwen2Config
 
-    heads, kv, head_dim, vocab, tied, theta = SEEDS[seed]
+    heads, kv, head_dim, vocab, tied, theta = {**SEEDS, **EXTRA_SEEDS}[seed]
     hidden = 8 * heads  # divisible by the head count, as config validation wants, and small
     rope = {"rope_type": "default", "rope_theta": theta}
     if yarn:
