@@ -80,7 +80,8 @@ def test_env_for_an_assumed_gpu(ckpt):
     h100, a10, t4 = cli("env", "--arch", "sm_90"), cli("env", "--arch", "sm_86"), cli("env", "--arch", "sm_75")
     assert h100.returncode == a10.returncode == t4.returncode == 0, h100.stderr + a10.stderr + t4.stderr
     assert "sm_90" in h100.stdout and "227 KB" in h100.stdout and "kernels=triton" in h100.stdout
-    assert "Qwen2-7B" in h100.stdout and "prefill 64x64w8s2" in h100.stdout and "6 candidates" in h100.stdout
+    # sm_90, head_dim 128: 128-row prefill tiles, so both warpgroups of 8 warps do distinct rows (issue 9)
+    assert "Qwen2-7B" in h100.stdout and "prefill 128x64w8s3" in h100.stdout and "5 candidates" in h100.stdout
     assert "99 KB" in a10.stdout and "4 candidates" in a10.stdout  # fewer prefill tiles fit 99 KB at head_dim 128
     assert "kernels=torch" in t4.stdout and "below Triton's sm_80 floor" in t4.stdout and "float16" in t4.stdout
     one = cli("env", "--arch", "sm_90", "--model", ckpt)
