@@ -64,7 +64,8 @@ class TPDriver:
         self.closed = False
         tp.on_failure = self._failure
         # Dropped without close() (garbage-collected, interpreter exit): the workers still go.
-        self._finalizer = weakref.finalize(self, _abandoned, self.procs, self.pipes, tp.owns_group)
+        self._finalizer = weakref.finalize(self, _abandoned, self.procs, self.pipes, tp.ctrl, tp.store, tp.world,
+                                           tp.owns_group)
 
     # start-up, in the order of runtime/worker.py build_rank
     def send_setup(self, plan, max_model_len: int) -> Setup:
@@ -132,11 +133,16 @@ class TPDriver:
                                    ". Its other workers were stopped; create a new LLM to continue.")
 
 
-def _abandoned(procs, pipes, owns_group: bool) -> None:
-    """The driver was dropped without close() (garbage-collected, or the interpreter is exiting): stop the
-    workers and leave the group, before interpreter teardown clears the group's tensors out of order (which
-    aborts the process in torch's THPVariable_clear)."""
+def _abandoned(procs, pipes, ctrl, store, world: int, owns_group: bool) -> None:
+    """The driver was dropped without close() (garbage-collected, or the interpreter is exiting): tell the
+    workers to stop (torchrun's have no pipe from this process), stop the ones it spawned, and leave the group
+    before interpreter teardown clears the group's tensors out of order (which aborts the process in torch's
+    THPVariable_clear)."""
+    with contextlib.suppress(Exception):  # a group that is already broken has no one left to tell
+        dist.broadcast(shutdown_header(), src=0, group=ctrl)
     _stop_processes(procs, pipes, REAP_S)
+    if not procs:
+        wait_closed(store, world, JOIN_TIMEOUT_S)
     if owns_group and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

@@ -215,19 +215,23 @@ import os, sys
 from qwen2_triton import LLM, SamplingParams
 llm = LLM(sys.argv[1], tensor_parallel_size=int(os.environ["WORLD_SIZE"]), dtype="float32", device="cpu",
           kernels="torch", progress=False, kv_cache_tokens=96)
-with llm:  # only rank 0 gets here; the others served inside LLM(...) and left when it closed
-    out = llm.generate([[1, 2, 3, 4], [5, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-    print("tokens", [o.outputs[0].token_ids for o in out], flush=True)
+# only rank 0 gets here; the others serve inside LLM(...) and leave when rank 0 closes it, or when its process
+# ends with the LLM still open (the module-global keeps it alive until interpreter exit)
+out = llm.generate([[1, 2, 3, 4], [5, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+print("tokens", [o.outputs[0].token_ids for o in out], flush=True)
+if sys.argv[2] == "close":
+    llm.close()
 """
 
 
-def test_torchrun_forms_the_group_and_rank_0_drives(ckpts, tmp_path):
+@pytest.mark.parametrize("ending", ["close", "exit"])
+def test_torchrun_forms_the_group_and_rank_0_drives(ckpts, tmp_path, ending):
     path, _ = ckpts("gqa-1kv")
     script = tmp_path / "tp_torchrun.py"
     script.write_text(TORCHRUN_SCRIPT)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), path], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+                          str(script), path, ending], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]  # every rank exited 0
     (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("tokens")]  # printed by rank 0 alone
     with LLM(path, **ENGINE) as one:
         out = one.generate([[1, 2, 3, 4], [5, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
