@@ -32,7 +32,8 @@ FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "kernels"
          "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
          "max_num_batched_tokens": "--max-num-batched-tokens", "block_size": "--block-size",
          "kv_cache_tokens": "--kv-cache-tokens", "gpu_memory_utilization": "--gpu-memory-utilization",
-         "rope_scaling": "--rope-scaling", "max_tokens": "--max-tokens", "temperature": "--temperature",
+         "rope_scaling": "--rope-scaling", "tensor_parallel_size": "--tensor-parallel-size",
+         "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 
 
@@ -80,6 +81,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--rope-scaling", default="auto", choices=ROPE_SCALING_CHOICES,
                    help="for a YaRN checkpoint: auto (default) = plain RoPE for requests that fit the original "
                         "context, YaRN for longer ones; static = YaRN always (as HF/vLLM); none = never")
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N GPUs (N processes; gloo processes on CPU); under torchrun, the "
+                        "number of processes it started (default 1)")
     e.add_argument("--generation-config", default="auto", choices=("auto", "none"),
                    help="auto: unset sampling settings take the checkpoint's generation_config.json (default)")
 
@@ -126,7 +130,7 @@ def _fit(params, llm, prompt: str, fallback: int | None):
 
 ENGINE_FLAGS = ("model", "dtype", "device", "kernels", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "kv_cache_tokens", "gpu_memory_utilization", "enforce_eager", "tune", "tuning_cache",
-                "enable_prefix_caching", "generation_config", "rope_scaling")
+                "enable_prefix_caching", "generation_config", "rope_scaling", "tensor_parallel_size")
 
 
 def _engine_kwargs(a) -> dict:

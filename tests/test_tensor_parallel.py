@@ -258,6 +258,16 @@ def test_sizes_that_do_not_divide_are_refused_before_anything_starts(ckpts):
     assert not dist.is_initialized()
 
 
+def test_cli_flag_reaches_the_engine_and_errors_name_it(ckpts, capsys):
+    from qwen2_triton.cli import ENGINE_FLAGS, main
+
+    assert "tensor_parallel_size" in ENGINE_FLAGS  # generate, chat and serve all build their engine from these
+    path, _ = ckpts("qwen1.5-4b")
+    assert main(["generate", "--model", path, "--device", "cpu", "-tp", "3", "hello"]) == 2
+    assert "--tensor-parallel-size 3 does not divide the 20 attention heads" in capsys.readouterr().err
+    assert not dist.is_initialized()
+
+
 def test_quantized_checkpoints_are_refused_before_anything_starts():
     path = os.path.join(os.path.dirname(__file__), "data", "quant", "gptq-int4-g128-sym")
     with pytest.raises(ValueError, match="GPTQ/AWQ checkpoint, whose packed weights are not sharded"):
