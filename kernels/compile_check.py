@@ -252,6 +252,45 @@ def _dedupe(vs: list[Variant]) -> list[Variant]:
 
 
 # ------------------------------------------------------------------------------------------ compile
+# ------------------------------------------------------------------------------ quantized linear (issue 11)
+# kernels/quant_linear.py through its launcher: the four projections of Qwen2-0.5B and 7B (between them every
+# specialisation the 1.5B and 4B shapes give: N, K and the group all divisible by 16, one or several K tiles per
+# split) at batch-1 decode (M=1 is a Triton constant), a 4-row decode for 7B and a 256-row prefill; int4 / int8,
+# constant (symmetric) or loaded zeros, int4 with the act-order permutation. The split count depends on the SM
+# count, so each arch is captured at its part's: A100 108, H100 132.
+QUANT_SHAPES = ((896, 4864, 14, 2, 64), (3584, 18944, 28, 4, 128))  # hidden, intermediate, heads, kv heads, head_dim
+QUANT_SM_COUNT = {80: 108, 90: 132}
+
+
+def quant_variants(dtypes, cap: int | None = None) -> list[Variant]:
+    import torch
+
+    from qwen2_triton.kernels.quant_linear import QuantWeight, quant_linear
+
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    out: list[Variant] = []
+    for dt in dtypes:
+        for cp in [cap] if cap is not None else sorted(QUANT_SM_COUNT):
+            for hidden, inter, hq, hk, d in QUANT_SHAPES:
+                for k, n, bias in ((hidden, (hq + 2 * hk) * d, True), (hq * d, hidden, False),
+                                   (hidden, 2 * inter, False), (inter, hidden, False)):
+                    for m in ((1, 4, 256) if hidden == 3584 else (1, 256)):
+                        for bits, sym, act in ((4, True, False), (4, False, False), (4, False, True),
+                                               (8, True, False)):  # int8 asym: int4 asym's code, BITS=8
+                            g = k // 128
+                            w = QuantWeight(torch.empty(k * bits // 32, n, dtype=torch.int32),
+                                            torch.empty(g, n, dtype=torch.float16),
+                                            None if sym else torch.empty(g, n, dtype=torch.float16),
+                                            2 ** (bits - 1) if sym else -1,
+                                            torch.empty(k, dtype=torch.int32) if act else None, bits, 128, k, n)
+                            x = torch.empty(m, k, dtype=tdt[dt])
+                            b = torch.empty(n, dtype=tdt[dt]) if bias else None
+                            label = f"{dt} int{bits} {'sym' if sym else 'asym'}{' perm' if act else ''} M={m}"
+                            _capture(out, ["quant_linear:quant_linear_kernel"], label,
+                                     lambda: quant_linear(x, w, b, sm_count=QUANT_SM_COUNT.get(cp, 132)))
+    return _dedupe(out)
+
+
 def compile_one(variant: Variant, cap: int, dump_dir: str | None = None) -> dict:
     """Compile one variant for one arch; returns the table row (error text in row["error"])."""
     import io
@@ -326,6 +365,7 @@ def problems(row) -> str:
 
 def run(archs, dtypes, kernels=None, jobs=None, dump_dir=None, extra_prefill=()) -> int:
     todo = [(v, cap) for cap in archs for v in variants(dtypes, cap, extra_prefill)
+                              + quant_variants(dtypes, cap)
             if not kernels or any(k in v.kernel for k in kernels)]
     jobs = jobs or min(8, os.cpu_count() or 1)
     if dump_dir:

@@ -63,7 +63,9 @@ def quantized_tensors(model_dir: str, model, tensors: Iterable[tuple[str, torch.
     cfg = model.cfg
     names = [f"model.layers.{n}.{MODULE[f]}.{f}.weight" for n in range(cfg.num_hidden_layers) for f in MODULE]
     for name in names:
-        model.params.pop(name, None)  # on CUDA this frees the dense allocation back to torch's cache
+        model.params.pop(name, None)
+    if torch.device(model.device).type == "cuda":  # Qwen2Model allocated them dense: return that memory
+        torch.cuda.empty_cache()
     keep = quantization == "auto" and getattr(model.ops, "quantized_linear", False)
     return _collect(tensors, model, qc, model_dir, keep)
 

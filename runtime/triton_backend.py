@@ -43,7 +43,15 @@ class TritonOps:
         self.prefill_cfg = plan.prefill.config if plan.prefill else None
         self.decode_cfg = plan.decode.config if plan.decode else None
 
-    linear = staticmethod(F.linear)  # cuBLAS
+    quantized_linear = True  # GPTQ / AWQ projections stay packed at load (model/quantization.py)
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """cuBLAS for a dense weight; a quantized one (kernels/quant_linear.py QuantWeight) runs its own
+        weight-only kernel."""
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight, bias)
+        return weight.linear(x, bias)
 
     @staticmethod
     def step_context():

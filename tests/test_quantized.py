@@ -1,7 +1,7 @@
 """GPTQ and AWQ checkpoints against an independent reader: tests/data/quant/ holds tiny seed-shaped checkpoints packed
 by GPTQModel and the float32 prompt log-probs HF transformers computed reading them through GPTQModel's torch
-kernels (scripts/make_quant_fixtures.py; refs.json names the versions). The torch backend (dequantized at
-load) must agree with it."""
+kernels (scripts/make_quant_fixtures.py; refs.json names the versions). Both our paths must agree with it:
+the torch backend (dequantized at load) and the Triton weight-only kernels (interpreter on CPU)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen2_triton import LLM, SamplingParams
+from qwen2_triton.kernels.quant_linear import FusedQuantWeight, QuantWeight
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "quant")
 with open(os.path.join(DATA, "refs.json")) as _f:
@@ -73,6 +74,31 @@ def test_torch_path_matches_independent_reader(checkpoint, name):
     assert all(isinstance(p, torch.Tensor) for p in llm.model.params.values())  # dequantized at load
     ours, _ = prompt_logprobs(llm)
     torch.testing.assert_close(ours, reference(name), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_kernels_match_independent_reader(checkpoint, name):
+    """Prefill (a 48-token prompt) then split-K decode steps through the weight-only kernels; the decoded tokens
+    equal the torch path's."""
+    path = checkpoint(name)
+    tri = LLM(path, dtype="float32", device="cpu" if not torch.cuda.is_available() else None, kernels="triton",
+              progress=False)
+    P = tri.model.params
+    qkv = P["model.layers.0.self_attn.qkv_proj.weight"]
+    if name.endswith("descact"):  # q, k, v were given different act-orders: one launch per part
+        assert isinstance(qkv, FusedQuantWeight) and all(p.perm is not None for p in qkv.parts)
+    else:
+        assert isinstance(qkv, QuantWeight) and qkv.perm is None
+        assert (qkv.zeros is None) == REFS["fixtures"][name]["quantization_config"].get("sym", False)
+    ours, tokens = prompt_logprobs(tri, max_tokens=3)
+    torch.testing.assert_close(ours, reference(name), atol=TOL, rtol=0)
+    assert tokens == prompt_logprobs(torch_llm(path), max_tokens=3)[1]
+
+
+def test_quantization_none_dequantizes_for_triton(checkpoint):
+    llm = LLM(checkpoint("gptq-int4-g128-sym"), dtype="float32", device="cpu", kernels="triton", progress=False,
+              quantization="none")
+    assert all(isinstance(p, torch.Tensor) for p in llm.model.params.values())
 
 
 def test_quantization_setting_is_checked_before_loading():
