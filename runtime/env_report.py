@@ -4,6 +4,7 @@
     qwen2-triton env --arch sm_86        # what an sm_86 GPU (A10-like) would get, without one
     qwen2-triton env --model DIR|GGUF    # one checkpoint's shape
     qwen2-triton env --tune              # on a GPU: time the attention candidates now and cache the choice
+    qwen2-triton env --tensor-parallel-size 4   # what each of 4 GPUs would hold (default: the GPUs visible)
 """
 from __future__ import annotations
 
@@ -59,6 +60,25 @@ def describe_shapes(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningC
     return lines
 
 
+# vocabulary rows of the seed shapes (the report's other columns do not need them; the parallel layout does)
+SEED_VOCAB = {"Qwen2-7B": 152064}
+
+
+def parallel_lines(world: int, shapes, dtype: torch.dtype, model_cfg=None) -> list[str]:
+    """The tensor-parallel layout at ``world`` ranks for each shape (runtime/tp_driver.py forms the group)."""
+    from qwen2_triton.model.config import Qwen2Config
+    from qwen2_triton.model.sharding import layout
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    lines = [f"tensor parallel at --tensor-parallel-size {world}, {str(dtype).replace('torch.', '')} ({gpus} GPU(s) "
+             f"visible; NCCL between GPUs, gloo on CPU; torchrun for several machines):"]
+    size = torch.empty((), dtype=dtype).element_size()
+    for name, hidden, inter, heads, kv, hd in shapes:
+        cfg = model_cfg or Qwen2Config(SEED_VOCAB.get(name, 151936), hidden, inter, 1, heads, kv, hd, 32768)
+        lines.append(f"  {name:11s} {layout(cfg, world, size)}")
+    return lines
+
+
 def _model_shape(path: str):
     """[(name, hidden, intermediate, heads, kv heads, head_dim)] of a checkpoint, from its config only."""
     import os
@@ -94,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint directory or GGUF file whose shape to report")
     ap.add_argument("--tune", action="store_true", help="on a GPU, tune the attention tiles now (cached on disk)")
     ap.add_argument("--tuning-cache", default=None, help="tuning cache file (default ~/.cache/qwen2_triton)")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                    help="report the layout over N GPUs (default: the GPUs visible, at least 2)")
     a = ap.parse_args(argv)
     from qwen2_triton.runtime.device import resolve_device
 
@@ -113,12 +135,22 @@ def main(argv=None) -> int:
     dtype, why_dtype = choose_dtype(a.dtype, info)
     kernels, why_kernels = choose_kernels("auto", info)
     lines = [versions(), info.describe(), why_kernels, why_dtype]
+    if a.model:
+        from qwen2_triton.model.quantization import describe_quantization
+
+        lines += [line for line in (describe_quantization(a.model),) if line]
+    shapes = _model_shape(a.model) if a.model else SEED_SHAPES
+    world = a.tensor_parallel_size or max(2, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if world < 1:
+        ap.error(f"--tensor-parallel-size must be >= 1, got {world}")
+    from qwen2_triton.model.loader import read_config
+
+    lines += parallel_lines(world, shapes, dtype, read_config(a.model) if a.model else None)
     if kernels != "triton":
         if info.type == "cpu":
             lines.append("(the Triton choices a GPU would get: qwen2-triton env --arch sm_90)")
         print("\n".join(lines))
         return 0
-    shapes = _model_shape(a.model) if a.model else SEED_SHAPES
     cache = TuningCache(a.tuning_cache)
     lines += describe_shapes(info, dtype, shapes, cache, a.tune, device)
     print("\n".join(lines))

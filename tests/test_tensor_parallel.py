@@ -268,6 +268,19 @@ def test_cli_flag_reaches_the_engine_and_errors_name_it(ckpts, capsys):
     assert not dist.is_initialized()
 
 
+def test_env_reports_the_parallel_layout(capsys):
+    from qwen2_triton.runtime.env_report import main
+
+    assert main(["--arch", "sm_90", "-tp", "4"]) == 0  # bfloat16: the all-reduce bytes of a GPU run
+    out = capsys.readouterr().out
+    assert "Qwen2-1.5B  per rank 3/12 heads, 1/2 KV heads (each on 2 ranks), 2240/8960 MLP columns, " \
+           "37984/151936 vocabulary rows; per token 2 all-reduces per layer of 3,072 B each" in out
+    assert "Qwen2-7B    per rank 7/28 heads, 1/4 KV heads, 4736/18944 MLP columns, 38016/152064" in out
+    assert main(["--arch", "sm_90", "-tp", "8"]) == 0
+    assert "Qwen1.5-4B  does not split: tensor_parallel_size=8 does not divide the 20 attention heads" in \
+        capsys.readouterr().out
+
+
 def test_quantized_checkpoints_are_refused_before_anything_starts():
     path = os.path.join(os.path.dirname(__file__), "data", "quant", "gptq-int4-g128-sym")
     with pytest.raises(ValueError, match="GPTQ/AWQ checkpoint, whose packed weights are not sharded"):
