@@ -121,17 +121,35 @@ class ModelRunner:
 
     def _prepare(self, chunks: list[Chunk], blocks: BlockManager) -> "StepInputs":
         s = StepInputs()
+        decodes = False
         for c in chunks:
             seq = c.seq
             base = len(s.ids)
+            off = self.model.rope_offsets[seq.rope_mode]  # the table the sequence's keys were rotated with
+            if c.length == 1 and seq.params.prompt_logprobs is None:
+                # One token (a decode, most rows of most steps): what the general path below does, without its
+                # ranges and generators (316 -> 86 us a step at batch 256 on this CPU).
+                p, n_prompt = c.start, len(seq.prompt_ids)
+                s.ids.append(seq.output_ids[p - n_prompt] if p >= n_prompt else seq.prompt_ids[p])
+                s.pos.append(p)
+                s.rope_rows.append(p + off)
+                s.slots.append(blocks.slot(seq, p))
+                s.cu.append(base + 1)
+                s.lens.append(p + 1)
+                decodes = True
+                if p + 1 == n_prompt + len(seq.output_ids):  # c.samples
+                    s.sample_rows.append(len(s.row_of))
+                    s.sample_seqs.append(seq)
+                    s.logit_rows.append(base)
+                    s.row_of.append(("sample", seq, None))
+                continue
             s.ids.extend(seq.token_slice(c.start, c.start + c.length))
             s.pos.extend(range(c.start, c.start + c.length))
-            off = self.model.rope_offsets[seq.rope_mode]  # the table the sequence's keys were rotated with
             s.rope_rows.extend(range(c.start + off, c.start + c.length + off))
             s.slots.extend(blocks.slot(seq, p) for p in range(c.start, c.start + c.length))
             s.cu.append(len(s.ids))
             s.lens.append(c.start + c.length)
-            s.max_q, s.max_k = max(s.max_q, c.length), max(s.max_k, c.start + c.length)
+            s.max_q = max(s.max_q, c.length)
             if seq.params.prompt_logprobs is not None:
                 # logits at position p score token p+1; only prompt positions not yet scored (a preempted
                 # sequence recomputes its prompt but must not report it twice)
@@ -143,6 +161,9 @@ class ModelRunner:
                 s.sample_seqs.append(seq)
                 s.logit_rows.append(base + c.length - 1)
                 s.row_of.append(("sample", seq, None))
+        if decodes:
+            s.max_q = max(s.max_q, 1)
+        s.max_k = max(s.lens)
         s.width = max(len(c.seq.block_table) for c in chunks)
         return s
 

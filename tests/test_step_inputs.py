@@ -1,0 +1,52 @@
+"""ModelRunner._prepare's one-token fast path builds exactly what the general path builds, step by step."""
+from qwen2_triton import SamplingParams
+from qwen2_triton.bench.host import noop_llm
+from qwen2_triton.runtime.model_runner import StepInputs
+
+
+def general_prepare(runner, chunks, blocks) -> StepInputs:
+    """The general path alone (every chunk through ranges), as _prepare was before the fast path."""
+    s = StepInputs()
+    for c in chunks:
+        seq = c.seq
+        base = len(s.ids)
+        s.ids.extend(seq.token_slice(c.start, c.start + c.length))
+        s.pos.extend(range(c.start, c.start + c.length))
+        off = runner.model.rope_offsets[seq.rope_mode]
+        s.rope_rows.extend(range(c.start + off, c.start + c.length + off))
+        s.slots.extend(blocks.slot(seq, p) for p in range(c.start, c.start + c.length))
+        s.cu.append(len(s.ids))
+        s.lens.append(c.start + c.length)
+        s.max_q, s.max_k = max(s.max_q, c.length), max(s.max_k, c.start + c.length)
+        if seq.params.prompt_logprobs is not None:
+            for p in range(max(c.start, seq.num_prompt_scored - 1), min(c.start + c.length, len(seq.prompt_ids) - 1)):
+                s.logit_rows.append(base + p - c.start)
+                s.row_of.append(("prompt", seq, p + 1))
+        if c.samples:
+            s.sample_rows.append(len(s.row_of))
+            s.sample_seqs.append(seq)
+            s.logit_rows.append(base + c.length - 1)
+            s.row_of.append(("sample", seq, None))
+    s.width = max(len(c.seq.block_table) for c in chunks)
+    return s
+
+
+def test_fast_path_matches_the_general_path_through_prefill_chunks_and_decodes():
+    llm = noop_llm(4, max_steps=80)
+    runner, blocks = llm.runner, llm.blocks
+    llm.scheduler.max_num_batched_tokens = 24  # long prompts are chunked, so steps mix prefill chunks and decodes
+    prepare, seen = runner._prepare, []
+
+    def spy(chunks, blocks_):
+        got, want = prepare(chunks, blocks_), general_prepare(runner, chunks, blocks_)
+        assert got == want, [(c.start, c.length) for c in chunks]
+        seen.append(tuple(c.length for c in chunks))
+        return got
+
+    runner._prepare = spy
+    prompts = [list(range(5, 5 + n)) for n in (1, 40, 7, 60, 3, 2)]
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, seed=i,
+                             prompt_logprobs=1 if i == 2 else None) for i in range(len(prompts))]
+    llm.generate(prompts, params)
+    assert any(all(n == 1 for n in step) for step in seen)  # pure decode steps
+    assert any(1 in step and max(step) > 1 for step in seen)  # mixed steps
