@@ -181,3 +181,12 @@ def test_truncated_file_is_named(checkpoint):
         f.truncate(os.path.getsize(st) // 2)
     with pytest.raises(ValueError, match="model.safetensors"):
         torch_llm(path)
+
+
+def test_env_names_the_quantization_and_bytes(checkpoint, capsys):
+    from qwen2_triton.runtime.env_report import main
+
+    assert main(["--model", checkpoint("gptq-int4-g128-descact"), "--device", "cpu"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("quantization:"))
+    assert "GPTQ int4 group 128 asym desc_act (format gptq)" in line
+    assert "weights 2.2 MB as stored, the packed projections 1.8 MB" in line and "W4A16" in line
