@@ -61,8 +61,14 @@ class _NoText:
         return ""
 
 
-def random_llm(name: str, dtype, device, tiny: bool, **kw):
+def random_llm(name: str, dtype, device, tiny: bool, tensor_parallel_size: int = 1, **kw):
     from qwen2_triton import LLM
+
+    if tensor_parallel_size > 1:  # every rank draws its own shard (model/loader.py RandomWeights)
+        from qwen2_triton.model.loader import RandomWeights
+
+        return LLM(RandomWeights(config_dict(name, tiny), name), dtype=dtype, device=device.type, progress=False,
+                   tensor_parallel_size=tensor_parallel_size, **kw)
     from qwen2_triton.model.config import Qwen2Config
     from qwen2_triton.model.loader import LoadedModel
     from qwen2_triton.model.qwen2 import Qwen2Model
@@ -169,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", default="1024,4096,16384")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="shard each model over N GPUs (N processes); weights_GB and decode GB/s are then per GPU")
     ap.add_argument("--out", default=None, help="append CSV rows here (e.g. bench/results/e2e.csv)")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,9 +190,9 @@ def main(argv=None) -> int:
     rows = []
     for name in a.models.split(","):
         kw = dict(max_model_len=20000 if not a.tiny else 2048, max_num_seqs=256 if not a.tiny else 8,
-                  max_num_batched_tokens=16384 if not a.tiny else 512)
+                  max_num_batched_tokens=16384 if not a.tiny else 512, tensor_parallel_size=a.tensor_parallel_size)
         graph = random_llm(name, dtype, device, a.tiny, **kw)
-        row = {"model": name, "tiny": a.tiny, "prefill_tiles": _tiles(graph.plan.prefill),
+        row = {"model": name, "tiny": a.tiny, "tensor_parallel_size": a.tensor_parallel_size, "prefill_tiles": _tiles(graph.plan.prefill),
                "decode_tiles": _tiles(graph.plan.decode)}
         row["decode_graph_tok_s"] = decode_tps(graph, a.decode_tokens, device)
         row["weights_GB"] = weight_bytes(graph) / 1e9
@@ -193,9 +201,11 @@ def main(argv=None) -> int:
             row[f"prefill_{n}_tok_s"] = prefill_tps(graph, min(n, kw["max_num_batched_tokens"]), device)
         row["offline_out_tok_s"] = offline_tps(graph, a.requests if not a.tiny else 8, 512 if not a.tiny else 16,
                                                512 if not a.tiny else 16, device)
+        graph.close()  # (tensor parallel: one process group at a time)
         del graph
         eager = random_llm(name, dtype, device, a.tiny, enforce_eager=True, **kw)
         row["decode_eager_tok_s"] = decode_tps(eager, a.decode_tokens, device)
+        eager.close()
         del eager
         if not a.no_hf:
             row["hf_eager_tok_s"] = hf_decode_tps(name, dtype, device, a.tiny, a.decode_tokens, compiled=False)

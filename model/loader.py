@@ -34,6 +34,25 @@ class LoadedModel:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class RandomWeights:
+    """A model of the config.json dict ``config`` with random weights (N(0, std); norm weights 1): what a
+    throughput benchmark needs, the work per token of the real checkpoint without a download. Unlike a
+    LoadedModel it is a recipe, not memory, so every tensor-parallel rank can draw its own shard of it."""
+    config: dict
+    name: str = "random"
+    seed: int = 0
+    std: float = 0.02
+
+
+class NoTextTokenizer:
+    """RandomWeights decode random token ids; the detokenizer still asks for text."""
+    eos_token_ids = ()
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ""
+
+
 def is_gguf_file(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -43,6 +62,8 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progres
                quantization: str = "auto",
                tp=None) -> LoadedModel:
     """tp: runtime/parallel_state.py TensorParallel: load only this rank's slices (model/sharding.py)."""
+    if isinstance(path, RandomWeights):
+        return _random(path, dtype, device, ops, tp)
     path = _existing(path)
     if os.path.isdir(path):
         return _load_hf_dir(path, dtype, device, ops, progress, quantization, tp)
@@ -53,6 +74,8 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progres
 
 def read_config(path: str) -> Qwen2Config:
     """The model's config alone, without a weight (a GGUF's metadata is parsed, its tensors are not read)."""
+    if isinstance(path, RandomWeights):
+        return Qwen2Config.from_dict(path.config, source=path.name)
     path = _existing(path)
     if os.path.isdir(path):
         return Qwen2Config.from_file(os.path.join(path, "config.json"))
@@ -110,6 +133,17 @@ def _load_gguf(path: str, dtype, device, ops, progress, tp) -> LoadedModel:
     defaults = _sampling_defaults(g.generation_defaults or {})
     eos = _eos_ids(cfg.eos_token_id, (), g.tokenizer)
     return LoadedModel(model, g.tokenizer, defaults, eos, path)
+
+
+def _random(spec: RandomWeights, dtype, device, ops, tp) -> LoadedModel:
+    model = Qwen2Model(Qwen2Config.from_dict(spec.config, source=spec.name), ops, dtype, device, tp=tp)
+    g = torch.Generator(device=device).manual_seed(spec.seed + (tp.rank if tp is not None else 0))
+    for n, p in model.params.items():
+        if n.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0, spec.std, generator=g)
+    return LoadedModel(model, NoTextTokenizer(), {}, (), spec.name)
 
 
 def _items(tensors):

@@ -103,8 +103,8 @@ class EngineConfig:
 
             if isinstance(self.model, LoadedModel):
                 raise ValueError("tensor_parallel_size > 1 needs a model path (a checkpoint directory or a GGUF "
-                                 "file): every rank loads its own shard; a model already in one process's memory "
-                                 "cannot be split")
+                                 "file) or model.loader.RandomWeights: every rank loads its own shard; a model "
+                                 "already in one process's memory cannot be split")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")

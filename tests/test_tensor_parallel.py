@@ -281,6 +281,21 @@ def test_env_reports_the_parallel_layout(capsys):
         capsys.readouterr().out
 
 
+def test_bench_e2e_runs_sharded_random_weights(tmp_path):
+    """bench e2e -tp 2 (meant for GPUs) as a CPU smoke test: every rank draws its own shard of the random
+    weights (model/loader.py RandomWeights), and the row says how many GPUs its figures are per."""
+    import csv
+
+    from qwen2_triton.bench.e2e import main
+
+    out = tmp_path / "e2e.csv"
+    assert main(["--tiny", "--models", "qwen2-1.5b", "-tp", "2", "--no-hf", "--decode-tokens", "4", "--prefill",
+                 "32", "--out", str(out)]) == 0
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["tensor_parallel_size"] == "2" and float(row["offline_out_tok_s"]) > 0
+    assert not dist.is_initialized()
+
+
 def test_quantized_checkpoints_are_refused_before_anything_starts():
     path = os.path.join(os.path.dirname(__file__), "data", "quant", "gptq-int4-g128-sym")
     with pytest.raises(ValueError, match="GPTQ/AWQ checkpoint, whose packed weights are not sharded"):
