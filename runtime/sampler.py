@@ -54,6 +54,7 @@ class SamplingPlan:
     full_min_p: bool = False
     repetition: bool = False  # some row has repetition_penalty != 1
     frequency: bool = False  # some row has presence or frequency penalty != 0
+    masked: bool = False  # some row has a grammar mask: mostly -inf (runtime/row_select.py ``largest``)
 
     @property
     def all_greedy(self) -> bool:
@@ -146,7 +147,7 @@ WINDOW_MAX_FRACTION = 0.25
 
 
 def make_plan(temperature, top_k, top_p, min_p, vocab: int, device, repetition: bool = False,
-              frequency: bool = False) -> SamplingPlan:
+              frequency: bool = False, masked: bool = False) -> SamplingPlan:
     """Split a batch into greedy, window and full rows from its settings (host arrays, one entry per row; top_k
     >= vocab or < 1 means off)."""
     temperature, top_k, top_p, min_p = (np.asarray(x) for x in (temperature, top_k, top_p, min_p))
@@ -169,7 +170,7 @@ def make_plan(temperature, top_k, top_p, min_p, vocab: int, device, repetition: 
         window=window_width(int(top_k[window].max()), vocab) if window.any() else 0,
         window_top_p=bool((top_p[window] < 1).any()), window_min_p=bool((min_p[window] > 0).any()),
         full_top_p=bool((top_p[full] < 1).any()), full_min_p=bool((min_p[full] > 0).any()),
-        repetition=repetition, frequency=frequency)
+        repetition=repetition, frequency=frequency, masked=masked)
 
 
 def plan_from_tensors(t: SamplingTensors, vocab: int) -> SamplingPlan:
@@ -227,10 +228,10 @@ def _filter_full(x: torch.Tensor, t: SamplingTensors, plan: SamplingPlan) -> tor
     return x  # neutral filters: temperature only
 
 
-def _window(logits: torch.Tensor, t: SamplingTensors, width: int, top_p: bool, min_p: bool):
+def _window(logits: torch.Tensor, t: SamplingTensors, width: int, top_p: bool, min_p: bool, masked: bool):
     """Top-k rows on the ``width`` largest logits of each row. Returns the window's filtered logits and token ids,
     ascending (B, width), and (B, 1) bool: rows whose ties with the k-th value may reach past the window."""
-    vals, ids = largest(logits, width)  # descending
+    vals, ids = largest(logits, width, mostly_equal=masked)  # descending
     asc = vals.flip(-1).div_(_safe_temperature(t))
     kth = asc.gather(-1, t.const("kth", lambda: (width - t.top_k.clamp(1, width))[:, None]))
     # a tie past the window: the window's last value equals the k-th; not when both are -inf (fewer tokens left
@@ -266,7 +267,7 @@ def filter_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         rows = plan.window_rows
         tw = _group(t, "window", rows)
         x = _take(logits, rows)
-        asc, ids, edge = _window(x, tw, plan.window, plan.window_top_p, plan.window_min_p)
+        asc, ids, edge = _window(x, tw, plan.window, plan.window_top_p, plan.window_min_p, plan.masked)
         part = torch.full_like(x, float("-inf")).scatter_(1, ids, asc)
         if edge is not None and bool(edge.any()):
             redo = torch.nonzero(edge[:, 0]).flatten()
@@ -321,7 +322,8 @@ def draw(logits: torch.Tensor, t: SamplingTensors, writable: bool = False) -> Dr
     if plan.window_rows is not None:
         rows = plan.window_rows
         tw = _group(t, "window", rows)
-        asc, ids, edge = _window(_take(logits, rows), tw, plan.window, plan.window_top_p, plan.window_min_p)
+        asc, ids, edge = _window(_take(logits, rows), tw, plan.window, plan.window_top_p, plan.window_min_p,
+                                plan.masked)
         tok = ids.gather(1, race(asc.softmax(-1), tw.keys(), ids))
         if edge is not None:
             tok, flagged = torch.where(edge, -1, tok), True

@@ -123,7 +123,7 @@ class SamplingState:
         dev = self.device
         slots = torch.from_numpy(slots_np).to(dev, non_blocking=True)
         plan = make_plan(f[:, TEMPERATURE], i[:, TOP_K], f[:, TOP_P], f[:, MIN_P], self.vocab, dev,
-                         repetition=repetition, frequency=frequency)
+                         repetition=repetition, frequency=frequency, masked=grammar)
         fp = self.fparams.index_select(0, slots)
         ip = self.iparams.index_select(0, slots)
         steps = ip[:, STEP].contiguous()
