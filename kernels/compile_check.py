@@ -225,7 +225,8 @@ def variants(dtypes, cap: int | None = None, extra_prefill=()):
             cache = torch.empty(8, PAGE, hk, d, dtype=t)
             meta = _paged_meta([1, 1], [40, 3], 2048)
             for splits in range(2, launch.MAX_SPLITS + 1):
-                label = f"{dt} D={d} S<={launch.merge_config(splits, d).BLOCK}" + (" S%16=0" if splits % 16 == 0 else "")
+                aligned = " S%16=0" if splits % 16 == 0 else ""
+                label = f"{dt} D={d} S<={launch.merge_config(splits, d).BLOCK}{aligned}"
                 _capture(out, [split, merge], label,
                          lambda: attention_decode(q, cache, cache, meta, 0.1, torch.empty_like(q), splits), [merge])
     return _dedupe(out)
@@ -417,7 +418,8 @@ def main(argv=None) -> int:
     # Pin FP fusion to Triton's current default (on) so the warning that 3.9 prints per compile stays quiet.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     kernels = [k for k in args.kernels.split(",") if k]
-    return run(archs, dtypes, kernels, args.jobs, args.dump, [parse_tile(t) for t in args.extra_prefill.split(",") if t])
+    extra = [parse_tile(t) for t in args.extra_prefill.split(",") if t]
+    return run(archs, dtypes, kernels, args.jobs, args.dump, extra)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def mma_kind(ptx: str, ttgir: str) -> str:
 
 
 _LD = re.compile(r"\bld\.global((?:\.[\w:]+)*)\s")
-_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*"
+                       r"(0x[0-9a-fA-F]+|\d+)")
 
 
 def widest_load(ptx: str) -> tuple[int, str]:
