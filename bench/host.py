@@ -180,7 +180,7 @@ def run(batches: list[int], modes: list[str], steps: int, repeats: int, path: st
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                               timeout=5, cwd=__file__.rsplit("/", 2)[0]).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""

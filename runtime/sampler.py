@@ -15,10 +15,10 @@ the host when the batch is built):
   maximum, and neutral rows (temperature only) skip filtering.
 The window computes what the full-row sort did (the same softmax over the same values, the same ascending
 cumulative sum), so a seed draws the same token as before wherever the support is the same. Tokens that tie the
-k-th value exactly (frequent with bf16 logits: 17% of rows at k=20 on the demo model) all stay in the support,
-as in transformers, and some may lie past the window: such rows are flagged (the window's last value equals the
-k-th) and redrawn on the full row after the step's token read-back, so a tie costs a second sync only when it
-happens.
+k-th value exactly all stay in the support, as in transformers, and with bf16 logits such ties are frequent (on
+the demo model, a window of k+1 would miss tied tokens in 17% of rows at k=20), hence the window's slack; rows
+whose ties may still reach past it are flagged (the window's last value equals the k-th) and redrawn on the full
+row after the step's token read-back, so a tie costs a second sync only when it happens.
 
 Per-batch constants (row groups, settings in the shapes the ops want, noise keys for the next 64 output indices)
 are computed once and cached on the batch's SamplingTensors: a decode step runs ~40 small ops for a top-k batch.
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from qwen2_triton.runtime.row_select import argmax, largest
 from qwen2_triton.runtime.sampling_noise import (KEY_BLOCK, bits_to_exponential, exponential_noise, key_block,
                                                 noise_at, race)
-from qwen2_triton.runtime.row_select import argmax, largest
 
 __all__ = ["SamplingPlan", "SamplingTensors", "apply_penalties", "bits_to_exponential", "draw", "exponential_noise",
            "filter_logits", "make_plan", "noise_at", "sample", "top_logprobs", "window_width"]

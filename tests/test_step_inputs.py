@@ -33,7 +33,7 @@ def general_prepare(runner, chunks, blocks) -> StepInputs:
 
 def test_fast_path_matches_the_general_path_through_prefill_chunks_and_decodes():
     llm = noop_llm(4, max_steps=80)
-    runner, blocks = llm.runner, llm.blocks
+    runner = llm.runner
     llm.scheduler.max_num_batched_tokens = 24  # long prompts are chunked, so steps mix prefill chunks and decodes
     prepare, seen = runner._prepare, []
 
