@@ -2,8 +2,10 @@
 benchmark_serving.py measures it (so the same command measures vLLM, or any OpenAI-compatible server).
 
     qwen2-triton bench serve --base-url http://127.0.0.1:8000 --num-prompts 200 --max-concurrency 16
-    qwen2-triton bench serve --launch --serve-args "--device cpu --max-model-len 1024" \\
+    qwen2-triton bench serve --launch --serve-args "--device cpu --max-model-len 1024 --kv-cache-tokens 4096" \\
         --num-prompts 32 --input-len 128 --output-len 64 --max-concurrency 8 --offline-compare
+
+(On CPU the KV pool defaults to max_model_len tokens: 8 streams of 128 + 64 need 1536, hence --kv-cache-tokens.)
 
 Every request streams (SSE) with ignore_eos and max_tokens = --output-len, so each generates exactly that many
 tokens. Prompts are random tokens: random ids turned into text by the server's /detokenize and re-tokenized by
@@ -20,7 +22,11 @@ seconds on their own connection, to show whether the server stays responsive whi
 --offline-compare (with --launch) then runs the same prompts and sampling settings through offline
 ``LLM.generate`` (``LLM.chat`` for --endpoint chat) in this process, with the same engine settings and
 max_num_seqs capped at --max-concurrency, so both keep the same number of sequences in flight, and reports
-server output throughput / offline output throughput: what the HTTP layer costs.
+server output throughput / offline output throughput: what the HTTP layer costs. Each phase also records the CPU
+seconds it spent per output token (server and client processes; the offline process) and the cores all other
+processes used meanwhile: on a shared machine the throughput ratio follows the neighbours, the CPU ratio does not.
+A crowded CPU also stalls torch's thread team (a descheduled thread holds up the rest); OMP_NUM_THREADS=1 in the
+environment (inherited by the launched server) keeps both phases single-threaded there.
 """
 from __future__ import annotations
 
@@ -110,8 +116,8 @@ class CpuMeter:
         self.start = self._read()
 
     def _read(self) -> tuple[float, dict[str, float], float] | None:
-        hz = os.sysconf("SC_CLK_TCK")
         try:
+            hz = os.sysconf("SC_CLK_TCK")
             with open("/proc/stat") as f:
                 ticks = [int(x) for x in f.readline().split()[1:]]
             cpu = {}
@@ -119,7 +125,7 @@ class CpuMeter:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 cpu[name] = (int(fields[11]) + int(fields[12])) / hz  # utime + stime, every thread
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS), no sysconf (Windows)
             return None
         busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user..steal, less idle and iowait
         return busy / hz, cpu, time.monotonic()
@@ -475,7 +481,8 @@ def main(argv=None) -> int:
     if a.offline_compare:
         m.update(offline_run(a, run.prompts))
         m["server_over_offline"] = m["output_throughput"] / m["offline_output_throughput"]
-        m["cpu_offline_over_server"] = m["offline_cpu_ms_per_token"] / m["server_cpu_ms_per_token"]
+        server_cpu = m["server_cpu_ms_per_token"]  # 0 when under the clock tick (10 ms) in a tiny run
+        m["cpu_offline_over_server"] = m["offline_cpu_ms_per_token"] / server_cpu if server_cpu > 0 else math.nan
     report(m)
     if a.out:
         import torch

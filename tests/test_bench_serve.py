@@ -95,7 +95,7 @@ def test_run_against_a_live_server_writes_a_row(base_url, tmp_path, endpoint, pa
         assert float(first[col]) >= 0, col
     assert "offline_output_throughput" not in first
     assert float(first["other_cpu_cores"]) >= 0 or first["other_cpu_cores"] == "nan"  # nan off Linux
-    assert float(first["client_cpu_ms_per_token"]) > 0 or first["client_cpu_ms_per_token"] == "nan"
+    assert float(first["client_cpu_ms_per_token"]) >= 0 or first["client_cpu_ms_per_token"] == "nan"
     assert first["server_cpu_ms_per_token"] == "nan"  # a server this benchmark did not start: its pid is unknown
     assert second["seed"] == "1" and second["completed"] == "5"
 
@@ -132,6 +132,6 @@ def test_launch_and_offline_compare(ckpt, tmp_path):
     assert float(row["offline_output_throughput"]) > 0
     for col in ("offline_other_cpu_cores", "offline_cpu_ms_per_token", "server_cpu_ms_per_token",
                 "cpu_offline_over_server"):
-        assert float(row[col]) > 0 or row[col] == "nan", col  # nan off Linux; on it, every phase used some CPU
+        assert float(row[col]) >= 0 or row[col] == "nan", col  # nan off Linux; CPU time counts in 10 ms ticks
     assert float(row["server_over_offline"]) == pytest.approx(
         float(row["output_throughput"]) / float(row["offline_output_throughput"]), rel=0.02)
