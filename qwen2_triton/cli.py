@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     kc = ksub.add_parser("check", help="compile every kernel variant ahead of time and report registers/spills")
     kc.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
     kc.set_defaults(fn=cmd_kernels_check)
-    b = sub.add_parser("bench", help="benchmarks against HF transformers: e2e (GPU) or cpu-decode "
+    b = sub.add_parser("bench", help="benchmarks: e2e (GPU), cpu-decode, serve, prefix, host "
                        "(qwen2-triton bench --help)", add_help=False)
     b.set_defaults(fn=cmd_bench)
     e = sub.add_parser("env", help="print the device, versions and the kernel choices made for it", add_help=False)
