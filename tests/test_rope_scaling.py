@@ -222,8 +222,6 @@ def hf_token_logprobs(hf, prompt: list[int], tokens: list[int]) -> torch.Tensor:
 def test_prefix_cache_never_shares_blocks_across_rope_modes(ckpt):
     """Keys rotated with one table are wrong under the other: the same prompt run plain, then as a YaRN request
     (a longer max_tokens), must not reuse the plain request's cached blocks, while a second plain run does."""
-    if "enable_prefix_caching" not in EngineConfig.names():
-        pytest.skip("prefix caching (issue 12 part 1) is not in this tree yet")
     path, hf_yarn, hf_plain = ckpt
     llm = engine(path, enable_prefix_caching=True)
     prompt = LONG[:240]
