@@ -1,4 +1,5 @@
-"""Kernel microbenchmarks at Qwen2 shapes: Triton vs torch eager vs torch.compile (and torch SDPA for attention).
+"""Kernel microbenchmarks at Qwen2 shapes: Triton vs torch eager vs torch.compile (torch SDPA for attention, bf16
+cuBLAS for the weight-only quantized linear).
 
     pytest bench/test_bench_kernels.py [-k rms_norm] [--benchmark-disable]
 
@@ -28,10 +29,11 @@ if not torch.cuda.is_available():  # the smoke run: kernels through the interpre
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qwen2_triton.kernels.attention import attention, attention_ref  # noqa: E402
+from qwen2_triton.kernels.quant_linear import dequantize, quant_linear, quant_linear_ref  # noqa: E402
 from qwen2_triton.kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
 from qwen2_triton.kernels.rotary import build_cos_sin_cache, default_inv_freq, rotary, rotary_ref  # noqa: E402
 from qwen2_triton.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
-from qwen2_triton.kernels.testing import make_paged_batch  # noqa: E402
+from qwen2_triton.kernels.testing import make_paged_batch, random_quant_weight  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV, DT = torch.device("cuda" if CUDA else "cpu"), torch.bfloat16
@@ -43,10 +45,18 @@ if CUDA:
               "7B": dict(hidden=3584, inter=18944, hq=28, hk=4, d=128)}
     ATTN_MODELS, PREFILL_SEQ, DECODE_BATCH, DECODE_CTX = ["0.5B", "7B"], [512, 2048, 8192, 16384], [1, 16, 64], \
         [512, 4096, 32768]
+    # Qwen2-7B's projections, (in, out): hidden 3584, q 3584, kv 512 (4 heads x 128), intermediate 18944
+    LINEARS = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
+    LINEAR_ROWS = [1, 8, 256, 2048]  # decode batches (the split-K GEMV launch, <= 8 rows) and prefill chunks
 else:  # smoke: Qwen2-0.5B's head layout at toy widths, a few tokens, one case per test
     TOKENS = [3]
     MODELS = {"tiny": dict(hidden=96, inter=80, hq=7, hk=1, d=64)}
     ATTN_MODELS, PREFILL_SEQ, DECODE_BATCH, DECODE_CTX = ["tiny"], [40], [2], [70]
+    LINEARS, LINEAR_ROWS = {"tiny": (256, 96)}, [3, 24]  # both launch shapes: split-K decode, one prefill tile
+# Qwen's GPTQ releases (QWEN2_NOTES.md): int4 g128 symmetric, and the other layouts the kernel takes: int4 with
+# per-group zeros (AWQ, asymmetric GPTQ) and int8 g128. (bits, symmetric)
+QUANT_FORMATS = {"int4-g128-sym": (4, True), "int4-g128-zeros": (4, False), "int8-g128-sym": (8, True)}
+GEMV_TARGET = "frac_copy_bw>=0.75"  # issue 11: decode GEMV streams the packed weights at >= 75% of copy bandwidth
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets), for prefill attention's roofline fraction.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 if not CUDA:  # the benchmark fixture is requested but not timed in the smoke run
@@ -54,6 +64,7 @@ if not CUDA:  # the benchmark fixture is requested but not timed in the smoke ru
 RESULTS = pathlib.Path(__file__).parent / "results"
 ROWS: list[dict] = []
 TOL = dict(atol=2 ** -6, rtol=2 ** -6)  # bf16 kernels against their fp32-math references (smoke check)
+TOL_QUANT = dict(atol=2e-2, rtol=2 ** -7)  # tests/test_kernel_quant_linear.py's bf16 tolerance: unit-size outputs
 
 
 def ms(fn) -> float:
@@ -108,23 +119,40 @@ def write_csv():
         writer.writerows({**common, **r} for r in ROWS)
 
 
-def record(benchmark, op, shape, impls: dict, *, nbytes=None, flops=None, copy_gbps=None, check=None):
+def record(benchmark, op, shape, impls: dict, *, nbytes=None, flops=None, copy_gbps=None, check=None, tol=TOL,
+           bound=None, baseline=None, target=""):
     """Time every implementation; one CSV row per implementation; the Triton one also through pytest-benchmark.
-    ``check``: (triton output fn, reference output fn) compared once before timing (the smoke test's point)."""
+    ``check``: (triton output fn, reference output fn) compared once before timing (the smoke test's point).
+    ``nbytes``: one byte count, or one per implementation (a quantized weight streams fewer bytes than bf16).
+    ``bound``: which roofline ``frac_roofline`` measures, "memory" (copy bandwidth; the default with nbytes) or
+    "compute" (the GPU's bf16 peak). ``baseline``: the implementation every row's ``speedup`` is relative to.
+    ``target``: the goal written next to the Triton row (unmeasured until a GPU runs it)."""
     if check is not None:
         got, want = check
-        torch.testing.assert_close(got().float(), want().float(), **TOL)
+        torch.testing.assert_close(got().float(), want().float(), **tol)
+    bound = bound or ("memory" if nbytes is not None else "compute")
+    rows, times = {}, {}
     for impl, fn in impls.items():
-        t = ms(fn)
+        t = times[impl] = ms(fn)
         row = dict(op=op, shape=shape, impl=impl, ms=round(t, 5), **{"GB/s": "", "frac_copy_bw": "",
-                                                                      "TFLOP/s": "", "frac_roofline": ""})
-        if nbytes is not None:
-            row["GB/s"] = round(nbytes / t * 1e-6, 1)
-            row["frac_copy_bw"] = row["frac_roofline"] = round(nbytes / t * 1e-6 / copy_gbps, 3)
+                                                                      "TFLOP/s": "", "frac_roofline": "",
+                                                                      "speedup": "", "target": ""})
+        b = nbytes.get(impl) if isinstance(nbytes, dict) else nbytes
+        if b is not None:
+            row["GB/s"] = round(b / t * 1e-6, 1)
+            row["frac_copy_bw"] = round(b / t * 1e-6 / copy_gbps, 3)
+            if bound == "memory":
+                row["frac_roofline"] = row["frac_copy_bw"]
         if flops is not None:
             row["TFLOP/s"] = round(flops / t * 1e-9, 1)
-            if nbytes is None and peak_tflops():
+            if bound == "compute" and peak_tflops():
                 row["frac_roofline"] = round(flops / t * 1e-9 / peak_tflops(), 3)
+        rows[impl] = row
+    for impl, row in rows.items():
+        if baseline is not None:
+            row["speedup"] = round(times[baseline] / times[impl], 3) if CUDA else ""
+        if impl == "triton":
+            row["target"] = target
         ROWS.append(row)
         benchmark.extra_info[impl] = row
     if CUDA:
@@ -228,3 +256,25 @@ def test_attention_decode(benchmark, model, batch, ctx, copy_gbps):
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True)},
         nbytes=nbytes, flops=4 * batch * m["hq"] * m["d"] * ctx, copy_gbps=copy_gbps,
         check=(lambda: attention(q, kc, vc, meta, scale), lambda: attention_ref(q, kc, vc, meta, scale)))
+
+
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+@pytest.mark.parametrize("proj", LINEARS)
+@pytest.mark.parametrize("rows", LINEAR_ROWS)
+def test_quant_linear(benchmark, rows, proj, fmt, copy_gbps):
+    """Weight-only quantized linear (W4A16 / W8A16) against bf16 cuBLAS (F.linear) on the same weights,
+    dequantized. GB/s and frac_copy_bw count the weight stream alone, what bounds a decode GEMV: the packed
+    bytes (QuantWeight.nbytes: codes, scales, zeros) for Triton, N x K x 2 for cuBLAS. Up to 8 rows the roofline
+    is that bandwidth; prefill rows (256, 2048) are compute bound, their roofline the bf16 peak. ``speedup``:
+    cuBLAS time over each row's time."""
+    k, n = LINEARS[proj]
+    bits, sym = QUANT_FORMATS[fmt]
+    w = random_quant_weight(k, n, bits=bits, group_size=128, sym=sym, device=DEV)
+    dense = dequantize(w).to(DT)  # (N, K): the values the kernel computes with, for cuBLAS
+    x = torch.randn(rows, k, device=DEV, dtype=DT)
+    gemv = rows <= 8
+    record(benchmark, f"quant_linear {fmt}", f"{proj} {k}->{n} M={rows}",
+           {"triton": lambda: quant_linear(x, w), "cublas": lambda: torch.nn.functional.linear(x, dense)},
+           nbytes={"triton": w.nbytes, "cublas": n * k * ES}, flops=2 * rows * n * k, copy_gbps=copy_gbps,
+           bound="memory" if gemv else "compute", baseline="cublas", target=GEMV_TARGET if gemv else "",
+           check=(lambda: quant_linear(x, w), lambda: quant_linear_ref(x, w)), tol=TOL_QUANT)

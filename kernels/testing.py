@@ -6,6 +6,8 @@ luck with stale memory.
 ``make_paged_batch``: a packed batch over a paged KV cache with shuffled (non-contiguous) block tables; every
 cache row that no sequence owns, including the tail of each sequence's last block, is NaN, so a kernel that
 reads past a sequence's end or through a wrong block id produces NaN.
+``random_quant_weight``: a weight-only quantized Linear (kernels/quant_linear.py QuantWeight) with random codes,
+built straight in the kernel's layout, so a benchmark gets Qwen2-7B-sized ones in milliseconds.
 """
 from __future__ import annotations
 
@@ -72,3 +74,23 @@ def make_paged_batch(q_lens: list[int], seq_lens: list[int], n_q_heads: int, n_k
         slot_mapping=torch.full((q.shape[0],), -1, dtype=torch.int64, device=device),
         max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens))
     return q, k_cache, v_cache, meta
+
+
+def random_quant_weight(in_features: int, out_features: int, *, bits: int, group_size: int = 128, sym: bool = True,
+                        device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+    """A QuantWeight (K=in_features, N=out_features) with uniformly random codes: every int32 word is a valid
+    packing of 32 // bits codes, so the words are drawn directly (no (K, N) code tensor to pack). Zeros: the
+    symmetric constant 2^(bits-1) (GPTQ sym, ``zeros`` None) or random integers per group and column (fp16, as
+    pack_quant_weight stores them). fp16 scales around sqrt(12) / (2^bits sqrt(K)), so a randn input gives
+    outputs of about unit size at any width. No act-order permutation."""
+    from qwen2_triton.kernels.quant_linear import QuantWeight
+
+    k, n, pack = in_features, out_features, 32 // bits
+    assert k % pack == 0 and k % group_size == 0, (k, pack, group_size)
+    groups = k // group_size
+    kw = dict(device=device, generator=generator)
+    qweight = torch.randint(-2 ** 31, 2 ** 31, (k // pack, n), dtype=torch.int32, **kw)
+    scale = 12 ** 0.5 / (2 ** bits * k ** 0.5)
+    scales = ((torch.rand(groups, n, **kw) + 0.5) * scale).half()
+    zeros = None if sym else torch.randint(0, 2 ** bits, (groups, n), **kw).half()
+    return QuantWeight(qweight, scales, zeros, 2 ** (bits - 1) if sym else -1, None, bits, group_size, k, n)

@@ -123,6 +123,23 @@ def test_bad_inputs(device):
                           torch.tensor([0] * 40 + [1] * 24), 4, 32)
 
 
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True)])
+def test_random_quant_weight_is_the_packed_layout_of_its_codes(bits, sym):
+    """The benchmarks' builder (kernels/testing.py) draws packed words directly: they must be what
+    pack_quant_weight makes of the same codes and zeros, and give unit-size outputs (so the benchmarks' check
+    against the reference compares numbers that can differ)."""
+    from qwen2_triton.kernels.testing import random_quant_weight
+
+    w = random_quant_weight(256, 40, bits=bits, sym=sym, generator=torch.Generator().manual_seed(bits))
+    zeros = torch.full((2, 40), 2 ** (bits - 1)) if sym else w.zeros.to(torch.int32)
+    again = pack_quant_weight(unpack_rows(w.qweight, bits), zeros, w.scales, torch.arange(256) // 128, bits, 128)
+    assert torch.equal(again.qweight, w.qweight) and again.zero == w.zero and torch.equal(dequantize(again),
+                                                                                           dequantize(w))
+    assert len(unpack_rows(w.qweight, bits).unique()) == 2 ** bits  # every code occurs
+    out = quant_linear_ref(torch.randn(64, 256), w)
+    assert 0.5 < out.std() < 2
+
+
 def _replace(w, **kw):
     from dataclasses import replace
 
