@@ -1,0 +1,304 @@
+"""Weight-only linear over GGUF block types (Q8_0, Q5_0, Q4_K, Q6_K): out = x @ W^T + bias, W rebuilt on the fly.
+
+Per weight, in float32 and in the order gguf.quants / model/dequant.py use (so the value is bit-identical to the
+dequantize-at-load path), with q = u - OFFSET the signed code of the unsigned code u:
+    Q8_0, Q5_0:  w = d[b] * q                          (d per 32-row block)
+    Q6_K:        w = (d[B] * sc[j]) * q                (int8 sc per 16 rows, fp16 d per 256)
+    Q4_K:        w = (d[B] * sc[j]) * q - (dmin[B] * m[j])   (6-bit sc, m per 32 rows, fp16 d, dmin per 256)
+rounded once to the activation dtype for the tensor-core dot: the two paths differ only in summation order. The
+kernel is compiled with ``enable_fp_fusion=False``: Q4_K's ``a * q - b`` would otherwise become one fma, rounded
+once instead of twice, and differ from the reference in the last bit.
+
+Layout (``GGUFWeight``, built once at load by ``pack_gguf_weight``; the format is the file's, the memory layout
+ours): everything transposed to (rows along K, N) so a warp's lanes read consecutive columns, as in
+kernels/quant_linear.py.
+    lo      int32 (K / pack, N): the low LO_BITS of u (8 for Q8_0, else 4), ``32 / LO_BITS`` rows per word
+    hi      int32 (K / (32 / HI_BITS), N): the bits above 4 (Q5_0: 1, Q6_K: 2), else None
+    sub     (K / SUB, N): fp16 d (Q8_0, Q5_0), uint8 sc (Q4_K), int8 sc (Q6_K)
+    sub_min uint8 (K / 32, N): Q4_K's m;  sup, sup_min fp16 (K / 256, N): d and dmin of Q4_K / Q6_K
+Bits per weight, ours vs the file's: Q8_0 8.5 = 8.5, Q5_0 5.5 = 5.5, Q6_K 6.5625 = 6.5625, Q4_K 4.625 vs 4.5
+(+2.8%): Q4_K's 6-bit sc/m are unpacked to one byte each, so a tile reads its scales with two plain loads
+instead of reassembling them from the 12-byte packing across sub-blocks (bits split over bytes 0-3 and 8-11).
+
+Launch shapes (``gguf_config``) are quant_linear's: decode (<= 8 rows) split-K with each weight word loaded once,
+prefill tiled; the same tile sizes, checked for spills by kernels/compile_check.py. Not timed on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+
+from qwen2_triton.kernels._checks import check, check_tensor
+from qwen2_triton.kernels.quant_linear import QuantConfig, pack_rows, quant_config, unpack_rows
+
+
+@dataclass(frozen=True)
+class GGUFFormat:
+    name: str
+    lo_bits: int
+    hi_bits: int  # 0: no high plane
+    sub_rows: int  # rows per ``sub`` scale
+    offset: int  # q = u - offset
+    super_rows: int  # rows per ``sup`` (0: none)
+    has_min: bool
+
+    @property
+    def bits_per_weight(self) -> float:
+        scale_bits = {"Q8_0": 16, "Q5_0": 16, "Q4_K": 8, "Q6_K": 8}[self.name]
+        per_super = (16 * (1 + self.has_min) / self.super_rows) if self.super_rows else 0
+        return self.lo_bits + self.hi_bits + scale_bits * (1 + self.has_min) / self.sub_rows + per_super
+
+
+FORMATS = {"Q8_0": GGUFFormat("Q8_0", 8, 0, 32, 128, 0, False), "Q5_0": GGUFFormat("Q5_0", 4, 1, 32, 16, 0, False),
+           "Q4_K": GGUFFormat("Q4_K", 4, 0, 32, 0, 256, True), "Q6_K": GGUFFormat("Q6_K", 4, 2, 16, 32, 256, False)}
+NATIVE_BPW = {"Q8_0": 34 * 8 / 32, "Q5_0": 22 * 8 / 32, "Q4_K": 144 * 8 / 256, "Q6_K": 210 * 8 / 256}
+_TENSORS = ("lo", "hi", "sub", "sub_min", "sup", "sup_min")
+
+
+@dataclass(frozen=True)
+class GGUFWeight:
+    """One Linear(in_features=K, out_features=N) of GGUF type ``qtype`` in the kernel's layout (module docstring)."""
+    qtype: str
+    lo: torch.Tensor
+    hi: torch.Tensor | None
+    sub: torch.Tensor
+    sub_min: torch.Tensor | None
+    sup: torch.Tensor | None
+    sup_min: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+    @property
+    def fmt(self) -> GGUFFormat:
+        return FORMATS[self.qtype]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (getattr(self, f) for f in _TENSORS) if t is not None)
+
+    def to(self, device) -> "GGUFWeight":
+        return replace(self, **{f: getattr(self, f).to(device) for f in _TENSORS if getattr(self, f) is not None})
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return gguf_linear(x, self, bias)
+
+
+@dataclass(frozen=True)
+class FusedGGUFWeight:
+    """Column blocks of one fused projection whose GGUF types differ (Q4_K_M files mix them: e.g. q, k Q5_0 and
+    v Q8_0): each part its own launch into its slice of one output. Consecutive parts of one type are one part."""
+    parts: tuple[GGUFWeight, ...]
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def to(self, device) -> "FusedGGUFWeight":
+        return FusedGGUFWeight(tuple(p.to(device) for p in self.parts))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+        off = 0
+        for p in self.parts:
+            n = p.out_features
+            gguf_linear(x, p, None if bias is None else bias[off: off + n], out=out[:, off: off + n])
+            off += n
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def pack_gguf_weight(qtype: str, codes: torch.Tensor, sub: torch.Tensor, sub_min: torch.Tensor | None = None,
+                     sup: torch.Tensor | None = None, sup_min: torch.Tensor | None = None) -> GGUFWeight:
+    """The fields of model/gguf_blocks.py (all (N, ...): codes uint8 (N, K), scales per sub- and super-block)
+    -> the kernel layout."""
+    if qtype not in FORMATS:
+        raise ValueError(f"no GGUF kernel layout for type {qtype} (supported: {sorted(FORMATS)})")
+    f = FORMATS[qtype]
+    n, k = codes.shape
+    u = codes.t().contiguous()  # (K, N)
+    lo = pack_rows(u & ((1 << f.lo_bits) - 1), f.lo_bits)
+    hi = pack_rows(u >> 4, f.hi_bits) if f.hi_bits else None
+    col = lambda t: None if t is None else t.t().contiguous()  # noqa: E731
+    return GGUFWeight(qtype, lo, hi, col(sub), col(sub_min), col(sup), col(sup_min), k, n)
+
+
+def fuse_gguf(parts: list[GGUFWeight]) -> GGUFWeight | FusedGGUFWeight:
+    """Parts of one fused projection (same K) -> one weight: runs of one type concatenated along N."""
+    runs: list[list[GGUFWeight]] = []
+    for p in parts:
+        if runs and runs[-1][0].qtype == p.qtype:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    merged = [r[0] if len(r) == 1 else replace(
+        r[0], out_features=sum(p.out_features for p in r),
+        **{f: torch.cat([getattr(p, f) for p in r], 1) for f in _TENSORS if getattr(r[0], f) is not None})
+        for r in runs]
+    return merged[0] if len(merged) == 1 else FusedGGUFWeight(tuple(merged))
+
+
+def dequantize(w: GGUFWeight) -> torch.Tensor:
+    """float32 weight (N, K) from the layout, by the module docstring's formulas: the kernel's reference."""
+    f = w.fmt
+    u = unpack_rows(w.lo, f.lo_bits).to(torch.int32)  # (K, N)
+    if w.hi is not None:
+        u = u | (unpack_rows(w.hi, f.hi_bits).to(torch.int32) << 4)
+    q = u.float() - f.offset
+    s = w.sub.float()
+    if w.sup is not None:
+        s = w.sup.float().repeat_interleave(f.super_rows // f.sub_rows, 0) * s
+    wk = s.repeat_interleave(f.sub_rows, 0) * q
+    if f.has_min:
+        mn = w.sup_min.float().repeat_interleave(f.super_rows // 32, 0) * w.sub_min.float()
+        wk = wk - mn.repeat_interleave(32, 0)
+    return wk.t().contiguous()
+
+
+def gguf_linear_ref(x: torch.Tensor, w: GGUFWeight | FusedGGUFWeight, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Plain torch: dequantize, round the weight to x's dtype (as the kernel does), matmul in float32."""
+    parts = w.parts if isinstance(w, FusedGGUFWeight) else (w,)
+    weight = torch.cat([dequantize(p) for p in parts]).to(x.dtype).float()
+    out = x.float() @ weight.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+def gguf_config(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int | None) -> QuantConfig:
+    """quant_linear's shapes for a K with no group constraint; every BLOCK_K it picks (32, 64, 128) is a multiple
+    of 32, the rows of Q5_0's high-bit word and of every scale."""
+    return quant_config(m, n, k, k, dtype, sm_count)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _unpack(ptr, k0, N, K, cols, mask_n, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_K, BLOCK_N) int32 fields of BITS bits from (BLOCK_K / (32 / BITS), BLOCK_N) words, each loaded once."""
+    PACK: tl.constexpr = 32 // BITS
+    kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    words = tl.load(ptr + kw[:, None] * N + cols[None, :], mask=(kw < K // PACK)[:, None] & mask_n[None, :], other=0)
+    fields = (words[:, None, :] >> (tl.arange(0, PACK) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(fields, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _per_row(v, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_K / ROWS, BLOCK_N) per-block values -> (BLOCK_K, BLOCK_N), each repeated over its ROWS rows."""
+    return tl.reshape(tl.broadcast_to(v[:, None, :], (BLOCK_K // ROWS, ROWS, BLOCK_N)), (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def gguf_linear_kernel(x_ptr, lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, b_ptr, out_ptr,
+                       M, N, K, stride_xm, stride_om, stride_os, tiles_per_split,
+                       LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr,
+                       SUPER: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K), as kernels/quant_linear.py's kernel."""
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = rows < M, cols < N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_first = pid_s * tiles_per_split * BLOCK_K
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(K - k_first, BLOCK_K))
+    for t in range(0, n_tiles):
+        k0 = k_first + t * BLOCK_K
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
+        u = _unpack(lo_ptr, k0, N, K, cols, mask_n, LO_BITS, BLOCK_K, BLOCK_N)
+        if HI_BITS > 0:
+            u = u | (_unpack(hi_ptr, k0, N, K, cols, mask_n, HI_BITS, BLOCK_K, BLOCK_N) << 4)
+        q = u.to(tl.float32) - OFFSET  # small integers: exact
+        sr = k0 // SUB + tl.arange(0, BLOCK_K // SUB)  # this tile's sub-blocks
+        smask = (sr < K // SUB)[:, None] & mask_n[None, :]
+        s = tl.load(sub_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
+        if SUPER > 0:
+            s = tl.load(sup_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
+                        other=0.0).to(tl.float32) * s  # d * sc
+        w = _per_row(s, SUB, BLOCK_K, BLOCK_N) * q
+        if HAS_MIN:  # Q4_K: SUB == 32, one m per sub-block
+            mn = tl.load(supmin_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
+                         other=0.0).to(tl.float32) * \
+                tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
+            w = w - _per_row(mn, SUB, BLOCK_K, BLOCK_N)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_s.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def gguf_linear(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None, sm_count: int | None = None,
+                config: QuantConfig | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16/fp32 with unit last stride -> (M, N) in x's dtype (into ``out`` when given: a (M, N)
+    view with unit last stride, e.g. a column slice of a wider output)."""
+    op = "gguf_linear (kernels/gguf_linear.py)"
+    check_tensor(op, "x", x, ndim=2)
+    m, k = x.shape
+    n, f = w.out_features, w.fmt
+    check(k == w.in_features, op, f"x has {k} columns, the {w.qtype} weight has in_features {w.in_features}")
+    check(w.lo.device == x.device, op, f"weight is on {w.lo.device}, x on {x.device}")
+    if bias is not None:
+        check(tuple(bias.shape) == (n,), op, f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    check(tuple(out.shape) == (m, n) and out.dtype == x.dtype and (out.stride(-1) == 1 or n == 1), op,
+          f"out must be ({m}, {n}) {x.dtype} with unit last stride, got {tuple(out.shape)} {out.dtype}")
+    if m == 0:
+        return out
+    if sm_count is None and x.device.type == "cuda":
+        sm_count = _sm_count(x.device)
+    cfg = config or gguf_config(m, n, k, x.dtype, sm_count)
+    check(cfg.BLOCK_K % 32 == 0, op, f"BLOCK_K {cfg.BLOCK_K} must be a multiple of 32 (a Q5_0 high-bit word)")
+    tiles = triton.cdiv(k, cfg.BLOCK_K)
+    per_split = triton.cdiv(tiles, cfg.SPLIT_K)
+    split = triton.cdiv(tiles, per_split)  # no empty split
+    dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.BLOCK_M), triton.cdiv(n, cfg.BLOCK_N), split)
+    dummy = w.lo  # never read: its flag is off
+    bias_in = bias is not None and split == 1
+    gguf_linear_kernel[grid](
+        x, w.lo, dummy if w.hi is None else w.hi, w.sub, dummy if w.sub_min is None else w.sub_min,
+        dummy if w.sup is None else w.sup, dummy if w.sup_min is None else w.sup_min,
+        bias if bias_in else dummy, dst,
+        m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split > 1 else 0, per_split,
+        LO_BITS=f.lo_bits, HI_BITS=f.hi_bits, SUB=f.sub_rows, OFFSET=f.offset, SUPER=f.super_rows,
+        HAS_MIN=f.has_min, HAS_BIAS=bias_in, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=False)  # Q4_K: d*sc*q - dmin*m rounded twice, as the reference (module docstring)
+    if split > 1:
+        red = dst.sum(0)
+        if bias is not None:
+            red += bias.float()
+        out.copy_(red)
+    return out
+
+
+def describe(fmt_names=tuple(FORMATS)) -> str:
+    """Bits per weight of each kernel layout against the file's: for the env report and the docs."""
+    return ", ".join(f"{q} {FORMATS[q].bits_per_weight:.4g} ({NATIVE_BPW[q]:.4g} in the file)" for q in fmt_names)
+
