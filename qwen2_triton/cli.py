@@ -27,12 +27,14 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 KERNEL_CHOICES = ("auto", "triton", "torch")
 ROPE_SCALING_CHOICES = ("auto", "static", "none")  # runtime/rope_mode.py
+QUANTIZATION_CHOICES = ("auto", "none")  # model/quantization.py
 # API argument -> CLI flag, so that a library error reads in the terms the user typed (see flag_names)
 FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "kernels": "--kernels",
          "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
          "max_num_batched_tokens": "--max-num-batched-tokens", "block_size": "--block-size",
          "kv_cache_tokens": "--kv-cache-tokens", "gpu_memory_utilization": "--gpu-memory-utilization",
-         "rope_scaling": "--rope-scaling", "tensor_parallel_size": "--tensor-parallel-size",
+         "rope_scaling": "--rope-scaling", "quantization": "--quantization",
+         "tensor_parallel_size": "--tensor-parallel-size",
          "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 
@@ -81,6 +83,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--rope-scaling", default="auto", choices=ROPE_SCALING_CHOICES,
                    help="for a YaRN checkpoint: auto (default) = plain RoPE for requests that fit the original "
                         "context, YaRN for longer ones; static = YaRN always (as HF/vLLM); none = never")
+    e.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                   help="for a quantized checkpoint (GPTQ/AWQ directory, GGUF file): auto (default) keeps weights "
+                        "packed where a Triton kernel runs them (GPTQ/AWQ on a GPU: W4A16/W8A16) and dequantizes the "
+                        "others at load; none dequantizes every weight to --dtype at load")
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over N GPUs (N processes; gloo processes on CPU); under torchrun, the "
                         "number of processes it started (default 1)")
@@ -130,7 +136,7 @@ def _fit(params, llm, prompt: str, fallback: int | None):
 
 ENGINE_FLAGS = ("model", "dtype", "device", "kernels", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "kv_cache_tokens", "gpu_memory_utilization", "enforce_eager", "tune", "tuning_cache",
-                "enable_prefix_caching", "generation_config", "rope_scaling", "tensor_parallel_size")
+                "enable_prefix_caching", "generation_config", "rope_scaling", "quantization", "tensor_parallel_size")
 
 
 def _engine_kwargs(a) -> dict:

@@ -315,6 +315,7 @@ def test_bad_sampling_flag_fails_before_the_model_loads(no_load, capsys, command
     (["--kernels", "cuda"], "argument --kernels: invalid choice: 'cuda'"),
     (["--max-model-len", "1"], "argument --max-model-len: expected an integer >= 2"),
     (["--max-model-len", "lots"], "argument --max-model-len: expected an integer >= 2"),
+    (["--quantization", "int4"], "argument --quantization: invalid choice: 'int4'"),
 ])
 def test_bad_model_flag_fails_before_the_model_loads(no_load, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -332,6 +333,19 @@ def test_flag_aliases_and_choices_match_the_library(monkeypatch):
     monkeypatch.setattr(cli_mod, "_llm", lambda a: seen.update(dtype=a.dtype, device=a.device) or FakeLLM(["x"]))
     assert cli_mod.main(["generate", "--dtype", "bf16", "--device", "cuda:1", "hi"]) == 0
     assert seen == {"dtype": "bfloat16", "device": "cuda:1"}
+
+
+@pytest.mark.parametrize("flags,want", [([], "auto"), (["--quantization", "none"], "none")])
+def test_quantization_flag_reaches_the_engine_config(monkeypatch, flags, want):
+    """Through the CLI's own _llm: LLM(...) receives the setting, and EngineConfig (which LLM builds) holds it."""
+    from qwen2_triton.model.quantization import QUANTIZATION_CHOICES
+    from qwen2_triton.runtime.engine_config import EngineConfig
+
+    assert cli_mod.QUANTIZATION_CHOICES == QUANTIZATION_CHOICES
+    seen = {}
+    monkeypatch.setattr("qwen2_triton.LLM", lambda **kw: seen.update(cfg=EngineConfig(**kw)) or FakeLLM(["x"]))
+    assert cli_mod.main(["generate", *flags, "hi"]) == 0
+    assert seen["cfg"].quantization == want
 
 
 @pytest.mark.parametrize("library,cli_text", [
