@@ -1,15 +1,17 @@
 """End-to-end GPU benchmark with random weights in the exact shapes of the Qwen2 releases (no download).
 
     qwen2-triton bench e2e [--models qwen2-0.5b,qwen2-1.5b,qwen2-7b,qwen1.5-4b] [--out CSV]
+        [--quant-model GPTQ_DIR [--dense-model DIR]] [--quant-random int4,int4-zeros,int8] [--quant-only]
 
 Per model, in one run: batch-1 decode tokens/s with CUDA graphs and eager, and the bandwidth that implies
 (bytes of weights read per token x tokens/s, as gpt-fast reports it); prefill tokens/s at 1k/4k/16k; offline
 throughput for 256 requests x (512 prompt, 512 output); and the peer, HF transformers on the same shapes (eager,
 and static cache + torch.compile), batch-1 decode. Each row also carries the ratios (graphs over eager, ours over
 each peer), decode GB/s as a fraction of the GPU's peak bandwidth (PEAK_GB_S), and the attention tiles the
-kernel plan used (tuned, cached or heuristic). ``--tiny`` shrinks every shape to a smoke test that also
-runs on CPU. Random weights decode random tokens, which is what a throughput figure needs: the work per token is
-the same as for the real checkpoint.
+kernel plan used (tuned, cached or heuristic). Quantized models (bench/e2e_quant.py) add rows of batch-1 decode
+next to their dense twin, over_dense being the ratio issue 11 sets at >= 2.2 for int4. ``--tiny`` shrinks every
+shape to a smoke test that also runs on CPU. Random weights decode random tokens, which is what a throughput
+figure needs: the work per token is the same as for the real checkpoint.
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ SHAPES = {
 }
 
 
-def config_dict(name: str, tiny: bool) -> dict:
+def config_dict(name: str, tiny: bool, tiny_head_dim: int = 8) -> dict:
+    """``tiny_head_dim``: 8 for the torch ops; the Triton kernels (quantized rows on CPU) need at least 16."""
     h, i, n, heads, kv, vocab, tied, theta = SHAPES[name]
     if tiny:
-        h, i, n, vocab = heads * 8, 64, 2, 1024
+        h, i, n, vocab = heads * tiny_head_dim, 64, 2, 1024
     return dict(architectures=["Qwen2ForCausalLM"], hidden_size=h, intermediate_size=i, num_hidden_layers=n,
                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
                 rope_theta=theta, max_position_embeddings=32768, rms_norm_eps=1e-6, head_dim=h // heads)
@@ -61,7 +64,10 @@ class _NoText:
         return ""
 
 
-def random_llm(name: str, dtype, device, tiny: bool, tensor_parallel_size: int = 1, **kw):
+def random_llm(name: str, dtype, device, tiny: bool, tensor_parallel_size: int = 1, kernels: str = "auto",
+               edit=None, tiny_head_dim: int = 8, **kw):
+    """``edit(model)``, if given, changes the model before the engine starts (bench/e2e_quant.py packs its
+    projections); single process only."""
     from qwen2_triton import LLM
 
     if tensor_parallel_size > 1:  # every rank draws its own shard (model/loader.py RandomWeights)
@@ -74,20 +80,24 @@ def random_llm(name: str, dtype, device, tiny: bool, tensor_parallel_size: int =
     from qwen2_triton.model.qwen2 import Qwen2Model
     from qwen2_triton.runtime.backend import select_ops
 
-    cfg = Qwen2Config.from_dict(config_dict(name, tiny))
-    model = Qwen2Model(cfg, select_ops("auto", device), dtype, device)
+    cfg = Qwen2Config.from_dict(config_dict(name, tiny, tiny_head_dim))
+    model = Qwen2Model(cfg, select_ops(kernels, device), dtype, device)
     g = torch.Generator(device=device).manual_seed(0)
     for n, p in model.params.items():
         if n.endswith("norm.weight"):
             p.fill_(1.0)
         else:
             p.normal_(0, 0.02, generator=g)
+    if edit is not None:
+        edit(model)
     return LLM(LoadedModel(model, _NoText(), {}, (), name), progress=False, **kw)
 
 
 def weight_bytes(llm) -> int:
+    """Bytes a decode step reads: every parameter (a quantized projection's packed bytes), one embedding row
+    aside, unless the embedding is the tied lm_head."""
     cfg = llm.model.cfg
-    return sum(p.numel() * p.element_size() for n, p in llm.model.params.items()
+    return sum(p.nbytes for n, p in llm.model.params.items()
                if n != "model.embed_tokens.weight" or cfg.tie_word_embeddings)
 
 
@@ -178,6 +188,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                     help="shard each model over N GPUs (N processes); weights_GB and decode GB/s are then per GPU")
     ap.add_argument("--out", default=None, help="append CSV rows here (e.g. bench/results/e2e.csv)")
+    q = ap.add_argument_group("quantized models (bench/e2e_quant.py): batch-1 decode next to the dense twin")
+    q.add_argument("--quant-model", action="append", default=[], metavar="DIR",
+                   help="a GPTQ/AWQ checkpoint directory (repeatable)")
+    q.add_argument("--dense-model", action="append", default=[], metavar="DIR",
+                   help="the dense checkpoint of the n-th --quant-model (default: random weights, same config)")
+    q.add_argument("--quant-random", default="", metavar="FORMATS",
+                   help="random packed weights in the shapes of --models: some of int4,int4-zeros,int8 (group 128)")
+    q.add_argument("--quant-only", action="store_true", help="only the quantized rows, not the dense benchmark")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not a.tiny:
@@ -188,7 +206,7 @@ def main(argv=None) -> int:
     import triton
 
     rows = []
-    for name in a.models.split(","):
+    for name in a.models.split(",") if not a.quant_only else []:
         kw = dict(max_model_len=20000 if not a.tiny else 2048, max_num_seqs=256 if not a.tiny else 8,
                   max_num_batched_tokens=16384 if not a.tiny else 512, tensor_parallel_size=a.tensor_parallel_size)
         graph = random_llm(name, dtype, device, a.tiny, **kw)
@@ -214,14 +232,33 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         _ratios(row, peak_gb_s(gpu) if device.type == "cuda" else None)
-        print(", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        print_row(row)
         rows.append(row)
+    if a.quant_model or a.quant_random:
+        rows += _quant_rows(a, dtype, device, peak_gb_s(gpu) if device.type == "cuda" else None)
     if a.out:
         meta = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
                 "triton": triton.__version__}
         append_rows(a.out, [{**meta, **{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}}
                             for r in rows])
     return 0
+
+
+def print_row(row: dict) -> None:
+    print(", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def _quant_rows(a, dtype, device, peak: float | None) -> list[dict]:
+    from qwen2_triton.bench import e2e_quant
+
+    # one process: the quantized projections do not shard yet (model/quantization.py)
+    kw = dict(max_model_len=4096 if not a.tiny else 2048, max_num_seqs=8, max_num_batched_tokens=2048 if not a.tiny
+              else 512)
+    common = dict(dtype=dtype, device=device, kw=kw, n_tokens=a.decode_tokens, peak=peak)
+    rows = e2e_quant.checkpoint_rows(a.quant_model, a.dense_model, **common)
+    if a.quant_random:
+        rows += e2e_quant.random_rows(a.models.split(","), a.quant_random.split(","), tiny=a.tiny, **common)
+    return rows
 
 
 def _tiles(result) -> str:

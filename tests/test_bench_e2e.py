@@ -1,5 +1,9 @@
 """The end-to-end benchmark runs (shrunken shapes, so also on CPU) and writes its CSV row."""
 import csv
+import os
+import shutil
+
+import pytest
 
 from qwen2_triton.bench.e2e import SHAPES, config_dict, main
 
@@ -54,3 +58,57 @@ def test_decode_rate_reports_a_noise_dominated_difference_as_nan(caplog):
     assert decode_rate(8, 0.5, 1.3) == 10.0
     assert math.isnan(decode_rate(8, 0.5, 0.49))
     assert "decode timing unusable" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ quantized rows
+@pytest.fixture(scope="module")
+def gptq_int4(tmp_path_factory, qwen_tokenizer_dir):
+    """tests/data/quant's symmetric GPTQ int4 fixture with the Qwen tokenizer files LLM reads from the directory."""
+    path = tmp_path_factory.mktemp("gptq-int4")
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "quant", "gptq-int4-g128-sym"), path,
+                    dirs_exist_ok=True)
+    shutil.copytree(qwen_tokenizer_dir, path, dirs_exist_ok=True)
+    return str(path)
+
+
+def test_quantized_checkpoint_rows_pair_with_a_dense_twin(tmp_path, gptq_int4):
+    """Two rows for two --quant-model: the first paired with --dense-model, the second with random weights in its
+    own config. On CPU (torch ops) the checkpoint is dequantized at load, so it holds exactly the bytes of its twin:
+    the twin has the same shapes."""
+    out = tmp_path / "e2e.csv"
+    assert main(["--tiny", "--quant-only", "--quant-model", gptq_int4, "--quant-model", gptq_int4, "--dense-model",
+                 gptq_int4, "--decode-tokens", "2", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["dense"] for r in rows] == [gptq_int4, "random weights, same config"]
+    for row in rows:
+        assert row["quantization"] == "GPTQ int4 group 128 sym (format gptq)" and row["target"] == "over_dense>=2.2"
+        assert row["quant_weights"] == "dequantized at load" and row["gpu"] and row["date"]
+        assert row["weights_GB"] == row["dense_weights_GB"]
+        for col in ("decode_graph_tok_s", "dense_decode_graph_tok_s", "over_dense"):
+            value = float(row[col])  # a number or nan (a noise-dominated CPU timing), never missing
+            assert value > 0 or value != value, (col, row[col])
+
+
+def test_random_quantized_rows_run_the_packed_kernels():
+    """--quant-random: the release's config (shrunken) with random packed projections on the Triton ops (the
+    interpreter here), next to the same config dense."""
+    import torch
+
+    from qwen2_triton.bench.e2e_quant import random_rows
+
+    (row,) = random_rows(["qwen2-0.5b"], ["int4-zeros"], dtype=torch.float32, device=torch.device("cpu"), tiny=True,
+                         kw=dict(max_model_len=256, max_num_seqs=2, max_num_batched_tokens=128), n_tokens=2,
+                         peak=None)
+    assert row["model"] == "qwen2-0.5b" and row["quant_weights"] == "packed (8 projections)"
+    assert row["quantization"] == "random int4 group 32/64 asym"  # tiny widths 224 and 64: the largest group
+    assert 0 < row["weights_GB"] < row["dense_weights_GB"]
+    assert "over_dense" in row and row["target"] == "over_dense>=2.2"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--quant-random", "int3"], "--quant-random int3: expected some of int4,int4-zeros,int8"),
+    (["--quant-model", "a", "--dense-model", "b", "--dense-model", "c"], "2 --dense-model for 1 --quant-model"),
+])
+def test_bad_quantized_options_fail_before_loading(argv, match):
+    with pytest.raises(ValueError, match=match):
+        main(["--tiny", "--quant-only", *argv])
