@@ -5,7 +5,9 @@
 #   tests_rest       the rest of the test suite
 #   bench_ops        kernel microbenchmarks: RMSNorm, SwiGLU, rotary (vs torch eager and torch.compile)
 #   bench_attention  prefill and decode attention (vs SDPA), TFLOP/s and GB/s
+#   bench_quant      weight-only int4/int8 linear vs bf16 cuBLAS at Qwen2-7B's projections, M 1/8/256/2048
 #   bench_e2e        the end-to-end benchmark (release shapes, graphs vs eager)
+#   bench_e2e_quant  Qwen2-7B batch-1 decode with random int4 / int8 packed weights vs bf16 (over_dense)
 #
 #   OUT=$OUT bash scripts/gpu_session.sh [PART ...]     (no PART: all, in the order above)
 #
@@ -15,7 +17,8 @@
 # $OUT/roofline.txt lists per kernel and shape the Triton row's fraction of its roofline (frac_roofline: of the
 # measured copy bandwidth for memory-bound kernels, of the GPU's dense bf16 peak for prefill attention).
 # Suggested calls, one device call each: "env tests_kernels", "tests_rest", "bench_ops bench_attention",
-# "bench_e2e".
+# "bench_e2e", "bench_quant", "bench_e2e_quant" (the last two not yet timed on a GPU: estimated at 1-3 minutes
+# each, they get a call of their own until a session has seen them fit together).
 #
 # Prepare here (no GPU needed), once:
 #   echo /.gpu/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
@@ -49,10 +52,11 @@ roofline() {  # per kernel and shape, the Triton row's fraction of its roofline,
   python3 - "$OUT" <<'PY' > "$OUT/roofline.txt" 2>&1
 import csv, glob, sys
 rows = [r for f in sorted(glob.glob("bench/results/kernels-*.csv")) for r in csv.DictReader(open(f))]
-print(f"{'op':20} {'shape':22} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'frac_roofline':>13}")
+print(f"{'op':28} {'shape':26} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'frac_roofline':>13} {'speedup':>8}  target")
 for r in rows:
     if r["impl"] == "triton":
-        print(f"{r['op']:20} {r['shape']:22} {r['ms']:>9} {r['GB/s']:>8} {r['TFLOP/s']:>8} {r['frac_roofline']:>13}")
+        print(f"{r['op']:28} {r['shape']:26} {r['ms']:>9} {r['GB/s']:>8} {r['TFLOP/s']:>8} {r['frac_roofline']:>13} "
+              f"{r.get('speedup', ''):>8}  {r.get('target', '')}")
 PY
   cat "$OUT/roofline.txt"
 }
@@ -88,15 +92,24 @@ part() {
       run_part bench_attention python3 -m pytest bench/test_bench_kernels.py -q -p no:cacheprovider \
         --import-mode=importlib -k attention
       roofline ;;
+    bench_quant)
+      run_part bench_quant python3 -m pytest bench/test_bench_kernels.py -q -p no:cacheprovider \
+        --import-mode=importlib -k quant_linear
+      roofline ;;
     bench_e2e)
       run_part bench_e2e python3 -m qwen2_triton.cli bench e2e --out bench/results/e2e.csv ;;
+    bench_e2e_quant)
+      run_part bench_e2e_quant python3 -m qwen2_triton.cli bench e2e --quant-only --models qwen2-7b \
+        --quant-random int4,int8 --out bench/results/e2e.csv ;;
     *)
-      echo "unknown part '$1' (env tests_kernels tests_rest bench_ops bench_attention bench_e2e)" | tee -a "$OUT/parts.txt"
+      echo "unknown part '$1' (env tests_kernels tests_rest bench_ops bench_attention bench_quant bench_e2e" \
+        "bench_e2e_quant)" | tee -a "$OUT/parts.txt"
       return 2 ;;
   esac
 }
 
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(env tests_kernels tests_rest bench_ops bench_attention bench_e2e)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(env tests_kernels tests_rest bench_ops bench_attention bench_quant bench_e2e \
+  bench_e2e_quant)
 for p in "${PARTS[@]}"; do part "$p"; done
 exit 0
