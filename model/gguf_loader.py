@@ -87,6 +87,17 @@ class GGUFTensors(Mapping):
     def _decode(self, name: str) -> torch.Tensor:  # float32 (or wider) on the CPU, in its torch shape
         return _dequantize(self._sources[name]).reshape(self.shapes[name])
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's data as the file stores it (read-only memory map; uint8 (rows, row bytes) for block types)."""
+        return self._sources[name].data
+
+    def without(self, names) -> "GGUFTensors":
+        """The same file with ``names`` left out: what streams when those tensors load another way
+        (model/gguf_quant.py keeps projections quantized)."""
+        drop = set(names)
+        return GGUFTensors(self.path, {n: t for n, t in self._sources.items() if n not in drop}, self.dtype,
+                           self.device, self.progress)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +67,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, ops, progres
     if os.path.isdir(path):
         return _load_hf_dir(path, dtype, device, ops, progress, quantization, tp)
     if is_gguf_file(path):
-        return _load_gguf(path, dtype, device, ops, progress, tp)
+        return _load_gguf(path, dtype, device, ops, progress, quantization, tp)
     raise ValueError(f"{path} is neither a checkpoint directory (config.json + safetensors) nor a GGUF file")
 
 
@@ -122,13 +121,16 @@ def _load_hf_dir(path: str, dtype, device, ops, progress, quantization, tp) -> L
     return LoadedModel(model, tokenizer, gen, eos, path)
 
 
-def _load_gguf(path: str, dtype, device, ops, progress, tp) -> LoadedModel:
+def _load_gguf(path: str, dtype, device, ops, progress, quantization, tp) -> LoadedModel:
     from qwen2_triton.model.gguf_loader import load_gguf
+    from qwen2_triton.model.gguf_quant import gguf_tensor_stream
 
     g = load_gguf(path, dtype=dtype, device="cpu", progress=False)
     cfg = Qwen2Config.from_dict(g.config, source=path)
     model = Qwen2Model(cfg, ops, dtype, device, tp=tp)
-    tensors = _items(g.tensors) if tp is None else shard_tensors(_items(g.tensors), model.shard, path)
+    tensors = gguf_tensor_stream(model, g.tensors, quantization, path)  # projections the kernels run stay packed
+    if tp is not None:
+        tensors = shard_tensors(tensors, model.shard, path)
     load_into(model.params, model.local_cfg, tensors, source=path, progress=progress)
     defaults = _sampling_defaults(g.generation_defaults or {})
     eos = _eos_ids(cfg.eos_token_id, (), g.tokenizer)
@@ -144,10 +146,6 @@ def _random(spec: RandomWeights, dtype, device, ops, tp) -> LoadedModel:
         else:
             p.normal_(0, spec.std, generator=g)
     return LoadedModel(model, NoTextTokenizer(), {}, (), spec.name)
-
-
-def _items(tensors):
-    return tensors.items() if isinstance(tensors, Mapping) else tensors
 
 
 def _read_generation_config(path: str) -> dict:

@@ -198,6 +198,7 @@ def describe_quantization(path: str) -> str:
     if os.path.isdir(path):
         return describe_checkpoint(path)
     if os.path.isfile(path) and is_gguf_file(path):
-        return (f"quantization: GGUF, {_size(os.path.getsize(path))} as stored; dequantized to the model "
-                f"dtype at load (GGUF types are not yet kept quantized on the GPU)")
+        from qwen2_triton.model.gguf_quant import describe_gguf
+
+        return describe_gguf(path)
     return ""

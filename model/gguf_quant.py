@@ -1,0 +1,120 @@
+"""GGUF projections kept quantized in device memory (issue 11): with ops that run quantized weights (TritonOps) and
+``quantization="auto"``, the seven projections of every layer whose GGUF types the kernel reads (Q8_0, Q5_0,
+Q4_K, Q6_K) load as kernels/gguf_linear.py weights, repacked from the file's blocks, never dequantized. Everything
+else streams through the usual dequantize-at-load path (model/gguf_loader.py -> model/weights.py):
+- the torch ops (CPU), ``quantization="none"`` and tensor parallelism (the sharder slices dense tensors): all of it;
+- a fused projection (qkv, gate_up) with any part of another type (F16, Q4_0, Q5_K, ...): that whole projection,
+  dequantized as before (logged), so one odd tensor costs memory, never correctness;
+- embeddings and lm_head: dense, as for GPTQ/AWQ (the lm_head runs through cuBLAS on the model dtype; quantizing
+  it is left for later).
+Qwen2Model allocates the projections dense; they leave ``model.params`` before loading and the CUDA cache is
+emptied, so the dense copy is never filled (the peak is the allocation itself, as on the GPTQ path).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+from qwen2_triton.model.quantization import QUANTIZATION_CHOICES
+
+log = logging.getLogger(__name__)
+
+KERNEL_TYPES = ("Q8_0", "Q5_0", "Q4_K", "Q6_K")  # kernels/gguf_linear.py FORMATS
+# fused parameter -> (module, checkpoint parts in output order)
+PROJECTIONS = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
+               "gate_up_proj": ("mlp", ("gate_proj", "up_proj")), "down_proj": ("mlp", ("down_proj",))}
+
+
+def plan(tensors, num_layers: int) -> tuple[dict[str, list[str]], list[str]]:
+    """(fused parameter -> its parts' HF names, for the projections the kernel runs; the others' descriptions)."""
+    keep, dense = {}, []
+    for n in range(num_layers):
+        for fused, (module, parts) in PROJECTIONS.items():
+            names = [f"model.layers.{n}.{module}.{p}.weight" for p in parts]
+            types = [tensors.ggml_types[x] for x in names]
+            if all(t in KERNEL_TYPES for t in types):
+                keep[f"model.layers.{n}.{module}.{fused}.weight"] = names
+            else:
+                dense.append(f"model.layers.{n}.{module}.{fused} ({'+'.join(types)})")
+    return keep, dense
+
+
+def gguf_tensor_stream(model, tensors, quantization: str, source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensor stream model/weights.py ``load_into`` reads for a GGUF (model/gguf_loader.py GGUFTensors):
+    the kept projections are left out of it and put into ``model.params`` as GGUF weights when it ends."""
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
+    if quantization != "auto" or not getattr(model.ops, "quantized_linear", False):
+        return tensors.items()
+    if getattr(model, "tp", None) is not None:
+        log.info("%s: tensor parallel: GGUF projections are dequantized at load (sharding reads dense tensors)",
+                 source)
+        return tensors.items()
+    keep, dense = plan(tensors, model.cfg.num_hidden_layers)
+    if dense:
+        log.info("%s: %d projection(s) have a GGUF type the kernel does not read (it reads %s) and are "
+                 "dequantized at load: %s", source, len(dense), ", ".join(KERNEL_TYPES), "; ".join(dense[:4]))
+    for name in keep:
+        model.params.pop(name)
+    if torch.device(model.device).type == "cuda":  # Qwen2Model allocated them dense: return that memory
+        torch.cuda.empty_cache()
+    held = [x for names in keep.values() for x in names]
+    return _stream(tensors, held, keep, model)
+
+
+def _stream(tensors, held, keep, model):
+    yield from tensors.without(held).items()
+    for name, parts in keep.items():
+        model.params[name] = build(tensors, parts).to(model.device)
+
+
+def build(tensors, names: list[str]):
+    """The GGUF weight of one fused projection from its parts' raw blocks (in output order)."""
+    from qwen2_triton.kernels.gguf_linear import fuse_gguf, pack_gguf_weight
+    from qwen2_triton.model.gguf_blocks import unpack_blocks
+
+    parts = []
+    for x in names:
+        fields = unpack_blocks(tensors.raw(x), tensors.ggml_types[x])
+        w = pack_gguf_weight(**fields.__dict__)
+        if (w.out_features, w.in_features) != tuple(tensors.shapes[x]):  # gguf_loader checked the shapes
+            raise ValueError(f"{tensors.path}: {x} unpacked to {(w.out_features, w.in_features)}, expected "
+                             f"{tuple(tensors.shapes[x])}")
+        parts.append(w)
+    return fuse_gguf(parts)
+
+
+def describe_gguf(path: str, dtype_bytes: int = 2) -> str:
+    """The quantization line of ``qwen2-triton env --model FILE.gguf``: the types and bytes of the projections as
+    stored, what the kernel layout keeps on the GPU, and what runs dequantized."""
+    from qwen2_triton.kernels.gguf_linear import FORMATS, NATIVE_BPW
+    from qwen2_triton.model.gguf_loader import load_gguf
+
+    g = load_gguf(path, progress=False)
+    layers = g.config["num_hidden_layers"]
+    keep, dense = plan(g.tensors, layers)
+    kept = [x for names in keep.values() for x in names]
+    counts: dict[str, int] = {}
+    stored = gpu = values = 0
+    for x in kept:
+        qtype = g.tensors.ggml_types[x]
+        counts[qtype] = counts.get(qtype, 0) + 1
+        n = 1
+        for s in g.tensors.shapes[x]:
+            n *= s
+        values += n
+        stored += round(n * NATIVE_BPW[qtype] / 8)
+        gpu += round(n * FORMATS[qtype].bits_per_weight / 8)
+    types = ", ".join(f"{q} x{c}" for q, c in sorted(counts.items()))
+    return (f"quantization: GGUF, {_size(os.path.getsize(path))} as stored; kernels triton: {len(kept)} projection "
+            f"tensors ({types}) run quantized by gguf_linear: {_size(stored)} in the file, {_size(gpu)} in the "
+            f"kernel layout ({_size(values * dtype_bytes)} dequantized to 16-bit); {len(dense)} fused projection(s) "
+            f"of other types, embeddings and lm_head dequantized at load; torch or quantization='none': all "
+            f"dequantized at load")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,191 @@
+"""GGUF projections kept quantized (model/gguf_quant.py + kernels/gguf_linear.py) at model level: a tiny 2-layer
+Qwen2 GGUF whose seven projections per layer are real Q4_K, Q6_K, Q8_0 and Q5_0 blocks sliced from the demo model
+(K = 256 / 512: whole K-quant super-blocks), loaded with the Triton ops (interpreter on CPU), must keep them as
+GGUF weights and give the prompt log-probs of the dequantize-at-load path (the torch ops)."""
+from __future__ import annotations
+
+import logging
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from qwen2_triton import LLM, SamplingParams
+from qwen2_triton.kernels.gguf_linear import FusedGGUFWeight, GGUFWeight
+from qwen2_triton.model.gguf_blocks import BLOCK_BYTES
+
+HIDDEN, HEADS, KV_HEADS, INTER, LAYERS = 256, 4, 2, 512, 2
+HEAD_DIM = HIDDEN // HEADS
+TOKENS = [chr(c) for c in range(33, 127)] + ["he", "ll", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = len(TOKENS)
+PROJ = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
+        "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
+        "ffn_down": (HIDDEN, INTER)}
+# Every type in fused and single projections, and fused projections mixing types (Q4_K_M files do: the demo's
+# attn_v is Q8_0 in half its layers next to Q5_0 q/k; its ffn_down Q4_K or Q6_K).
+TYPES = [{"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q4_K", "ffn_gate": "Q6_K",
+          "ffn_up": "Q4_K", "ffn_down": "Q6_K"},
+         {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q8_0", "ffn_gate": "Q5_0",
+          "ffn_up": "Q5_0", "ffn_down": "Q4_K"}]
+IDS = [int(i) for i in np.random.default_rng(1).integers(0, VOCAB - 3, 40)]
+# Both paths run float32 on bit-identical weights (tests/test_kernel_gguf_linear.py), so they differ only in the
+# order of fp32 sums (the projections, and the Triton attention / norms the dense Triton path has too). Measured
+# on these log-probs (mean -8.6, std 3.5; an fp32 ulp is 1-2e-6 there): 4.8e-6 quantized Triton vs torch, the same
+# 4.8e-6 for dense Triton (quantization="none") vs torch, 3.8e-6 quantized vs dense Triton. 2e-5 is 4x that; a
+# wrong Q4_K min moves them by > 1e-2 (test below).
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def demo_blocks(demo_gguf):
+    """type -> all blocks (n, block bytes) of the first demo tensor of that type."""
+    from qwen2_triton.model.gguf_file import read_gguf
+
+    out = {}
+    for t in read_gguf(demo_gguf).tensors:
+        q = t.tensor_type.name
+        if q in BLOCK_BYTES and t.name.startswith("blk.") and q not in out:
+            out[q] = np.asarray(t.data).reshape(-1, BLOCK_BYTES[q][0])
+    return out
+
+
+def write_gguf(path, demo_blocks, types=TYPES, extra=None) -> str:
+    """The tiny model; ``extra``: gguf name -> (float32 values, QT) written quantized by gguf.quants instead."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    for key, value in (("block_count", LAYERS), ("context_length", 4096), ("embedding_length", HIDDEN),
+                       ("feed_forward_length", INTER), ("attention.head_count", HEADS),
+                       ("attention.head_count_kv", KV_HEADS)):
+        w.add_uint32(f"qwen2.{key}", value)
+    w.add_float32("qwen2.rope.freq_base", 1e6)
+    w.add_float32("qwen2.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(TOKENS)
+    w.add_token_types([1] * (VOCAB - 3) + [3, 3, 3])
+    w.add_token_merges(["h e", "l l"])
+    w.add_eos_token_id(VOCAB - 1)
+
+    def f32(name, shape, std, mean=0.0):
+        w.add_tensor(name, (mean + std * rng.standard_normal(shape)).astype(np.float32))
+
+    f32("token_embd.weight", (VOCAB, HIDDEN), 0.02)
+    f32("output_norm.weight", (HIDDEN,), 0.1, 1.0)
+    f32("output.weight", (VOCAB, HIDDEN), 0.2)
+    start = dict.fromkeys(BLOCK_BYTES, 0)
+    for n in range(LAYERS):
+        for proj, (rows, cols) in PROJ.items():
+            name = f"blk.{n}.{proj}.weight"
+            if extra and name in extra:
+                x, qtype = extra[name]
+                w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+                continue
+            qtype = types[n][proj]
+            nbytes, nvals = BLOCK_BYTES[qtype]
+            count = rows * cols // nvals
+            blocks = demo_blocks[qtype][start[qtype]: start[qtype] + count]  # real blocks, a new run per tensor
+            assert len(blocks) == count
+            start[qtype] += count
+            w.add_tensor(name, np.ascontiguousarray(blocks).reshape(rows, -1), raw_dtype=QT[qtype])
+        for proj in ("attn_q", "attn_k", "attn_v"):
+            f32(f"blk.{n}.{proj}.bias", (PROJ[proj][0],), 0.1)
+        f32(f"blk.{n}.attn_norm.weight", (HIDDEN,), 0.1, 1.0)
+        f32(f"blk.{n}.ffn_norm.weight", (HIDDEN,), 0.1, 1.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, demo_blocks):
+    return write_gguf(tmp_path_factory.mktemp("gguf_q") / "tiny.gguf", demo_blocks)
+
+
+def llm(path, kernels, **kw):
+    return LLM(path, dtype="float32", device="cpu", kernels=kernels, progress=False, **kw)
+
+
+def prompt_logprobs(model: LLM, max_tokens: int = 1):
+    out = model.generate(IDS, SamplingParams(max_tokens=max_tokens, temperature=0, prompt_logprobs=0,
+                                             ignore_eos=True))[0]
+    lp = torch.tensor([d[t] for d, t in zip(out.prompt_logprobs[1:], IDS[1:])], dtype=torch.float64)
+    return lp, out.token_ids
+
+
+@pytest.fixture(scope="module")
+def torch_ref(tiny):
+    lp, tokens = prompt_logprobs(llm(tiny, "torch"), max_tokens=3)
+    assert lp.std() > 0.3  # far from uniform, so a mis-read block would show
+    return lp, tokens
+
+
+def _kinds(model):
+    P = model.model.params
+    return {name.split(".", 2)[2].rsplit(".", 1)[0]: P[name] for name in P
+            if name.endswith("proj.weight")}
+
+
+def test_projections_stay_quantized_and_match_dequantized(tiny, torch_ref):
+    """Prefill (a 40-token prompt) through the tiled launch, then split-K decode steps; tokens equal the torch
+    path's."""
+    tri = llm(tiny, "triton")
+    kinds = _kinds(tri)
+    assert len(kinds) == 4 * LAYERS and not any(isinstance(w, torch.Tensor) for w in kinds.values())
+    qkv0, gu0, qkv1, gu1 = (kinds[k] for k in ("0.self_attn.qkv_proj", "0.mlp.gate_up_proj",
+                                                "1.self_attn.qkv_proj", "1.mlp.gate_up_proj"))
+    assert isinstance(qkv0, FusedGGUFWeight) and [(p.qtype, p.out_features) for p in qkv0.parts] == \
+        [("Q5_0", HIDDEN + KV_HEADS * HEAD_DIM), ("Q8_0", KV_HEADS * HEAD_DIM)]
+    assert [p.qtype for p in gu0.parts] == ["Q6_K", "Q4_K"] and [p.qtype for p in qkv1.parts] == ["Q4_K", "Q6_K"]
+    assert isinstance(gu1, GGUFWeight) and (gu1.qtype, gu1.out_features) == ("Q5_0", 2 * INTER)
+    assert kinds["0.mlp.down_proj"].qtype == "Q6_K" and kinds["1.self_attn.o_proj"].qtype == "Q8_0"
+    P = tri.model.params
+    assert isinstance(P["model.embed_tokens.weight"], torch.Tensor) and isinstance(P["lm_head.weight"], torch.Tensor)
+    lp, tokens = prompt_logprobs(tri, max_tokens=3)
+    torch.testing.assert_close(lp, torch_ref[0], atol=TOL, rtol=0)
+    assert tokens == torch_ref[1]
+
+
+def test_quantization_none_and_torch_ops_dequantize(tiny, torch_ref):
+    dense = llm(tiny, "triton", quantization="none")
+    assert all(isinstance(p, torch.Tensor) for p in dense.model.params.values())
+    torch.testing.assert_close(prompt_logprobs(dense)[0], torch_ref[0], atol=TOL, rtol=0)
+    assert all(isinstance(p, torch.Tensor) for p in llm(tiny, "torch").model.params.values())
+
+
+def test_a_type_the_kernel_does_not_read_dequantizes_its_projection(tmp_path, demo_blocks, caplog):
+    """Layer 1's ffn_up as Q5_1: the fused gate_up of layer 1 loads dense (logged), every other projection stays
+    quantized, and the model still equals the torch path."""
+    x = np.random.default_rng(3).standard_normal(PROJ["ffn_up"]).astype(np.float32) * 0.05
+    path = write_gguf(tmp_path / "q51.gguf", demo_blocks, extra={"blk.1.ffn_up.weight": (x, QT.Q5_1)})
+    with caplog.at_level(logging.INFO, logger="qwen2_triton.model.gguf_quant"):
+        tri = llm(path, "triton")
+    assert "model.layers.1.mlp.gate_up_proj (Q5_0+Q5_1)" in caplog.text
+    kinds = _kinds(tri)
+    assert isinstance(kinds["1.mlp.gate_up_proj"], torch.Tensor)
+    assert sum(isinstance(w, torch.Tensor) for w in kinds.values()) == 1
+    ref = prompt_logprobs(llm(path, "torch"))[0]
+    torch.testing.assert_close(prompt_logprobs(tri)[0], ref, atol=TOL, rtol=0)
+
+
+def test_a_wrong_q4_k_min_is_caught(tiny, torch_ref, monkeypatch):
+    """The comparison can fail: Q4_K's mins read from the scales' byte (sc for m) at load moves log-probs by far
+    more than TOL."""
+    from qwen2_triton.model import gguf_blocks
+
+    real = gguf_blocks.q4_k_scale_min
+    monkeypatch.setattr(gguf_blocks, "q4_k_scale_min", lambda s: (real(s)[0], real(s)[0]))
+    lp = prompt_logprobs(llm(tiny, "triton"))[0]
+    assert (lp - torch_ref[0]).abs().max() > 1e-2
+
+
+def test_env_names_the_gguf_types_and_bytes(tiny):
+    from qwen2_triton.model.quantization import describe_quantization
+
+    line = describe_quantization(tiny)
+    assert line.startswith("quantization: GGUF")
+    assert "14 projection tensors (Q4_K x5, Q5_0 x4, Q6_K x3, Q8_0 x2) run quantized by gguf_linear" in line
+    assert "0 fused projection(s) of other types" in line
