@@ -85,8 +85,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "context, YaRN for longer ones; static = YaRN always (as HF/vLLM); none = never")
     e.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
                    help="for a quantized checkpoint (GPTQ/AWQ directory, GGUF file): auto (default) keeps weights "
-                        "packed where a Triton kernel runs them (GPTQ/AWQ on a GPU: W4A16/W8A16) and dequantizes the "
-                        "others at load; none dequantizes every weight to --dtype at load")
+                        "packed where a Triton weight-only kernel runs them (on a GPU) and dequantizes the others at "
+                        "load; none dequantizes every weight to --dtype at load")
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over N GPUs (N processes; gloo processes on CPU); under torchrun, the "
                         "number of processes it started (default 1)")
@@ -251,7 +251,8 @@ def cmd_kernels_check(a) -> int:
 BENCH_HELP = """usage: qwen2-triton bench [e2e | cpu-decode | prefix | serve | host] [options]
 
   e2e         random weights in the shapes of Qwen2-0.5B/1.5B/7B and Qwen1.5-4B: batch-1 decode with and without
-              CUDA graphs, prefill 1k/4k/16k, offline throughput, HF transformers as the peer (the default on a GPU)
+              CUDA graphs, prefill 1k/4k/16k, offline throughput, HF transformers as the peer (the default on a GPU);
+              --quant-model DIR / --quant-random int4,int8: quantized batch-1 decode over its bf16 twin
   cpu-decode  the demo model's float32 batch-1 decode against HF transformers (the default without a GPU)
   prefix      a multi-turn chat over a ~2,000-token system prompt: time to first token and prompt tokens
               computed per turn, with and without prefix caching
