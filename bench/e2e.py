@@ -251,9 +251,11 @@ def print_row(row: dict) -> None:
 def _quant_rows(a, dtype, device, peak: float | None) -> list[dict]:
     from qwen2_triton.bench import e2e_quant
 
-    # one process: the quantized projections do not shard yet (model/quantization.py)
+    # One process: the quantized projections do not shard yet (model/quantization.py). Batch-1 decode of a
+    # 64-token prompt needs a small KV pool; a fixed one also keeps each engine's start-up from claiming 90% of
+    # the GPU while the previous engine's memory is still being returned.
     kw = dict(max_model_len=4096 if not a.tiny else 2048, max_num_seqs=8, max_num_batched_tokens=2048 if not a.tiny
-              else 512)
+              else 512, kv_cache_tokens=8192 if not a.tiny else 2048)
     common = dict(dtype=dtype, device=device, kw=kw, n_tokens=a.decode_tokens, peak=peak)
     rows = e2e_quant.checkpoint_rows(a.quant_model, a.dense_model, **common)
     if a.quant_random:

@@ -64,24 +64,23 @@ def checkpoint_rows(paths: list[str], dense_paths: list[str], *, dtype, device, 
 
     if len(dense_paths) > len(paths):
         raise ValueError(f"{len(dense_paths)} --dense-model for {len(paths)} --quant-model: they pair in order")
+    llm_kw = dict(dtype=dtype, device=device.type, progress=False, **kw)
     rows = []
     for i, path in enumerate(paths):
         qc = read_quant_config(path)
         if qc is None:
             raise ValueError(f"--quant-model {path}: config.json has no quantization_config (not GPTQ/AWQ)")
-        quant = LLM(path, dtype=dtype, device=device.type, progress=False, **kw)
         row = {"model": os.path.basename(os.path.normpath(path)), "quantization": qc.describe(),
-               "quant_weights": quant_weights(quant), "target": TARGETS.get(qc.bits, "")}
-        _measure(row, "", quant, n_tokens, device)
+               "target": TARGETS.get(qc.bits, "")}
+        _measure(row, "", lambda: LLM(path, **llm_kw), n_tokens, device)
         if i < len(dense_paths):
             row["dense"] = dense_paths[i]
-            dense = LLM(dense_paths[i], dtype=dtype, device=device.type, progress=False, quantization="none", **kw)
+            _measure(row, "dense_", lambda: LLM(dense_paths[i], quantization="none", **llm_kw), n_tokens, device)
         else:
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
                 cfg = {k: v for k, v in json.load(f).items() if k != "quantization_config"}
             row["dense"] = "random weights, same config"
-            dense = LLM(RandomWeights(cfg, row["model"]), dtype=dtype, device=device.type, progress=False, **kw)
-        _measure(row, "dense_", dense, n_tokens, device)
+            _measure(row, "dense_", lambda: LLM(RandomWeights(cfg, row["model"]), **llm_kw), n_tokens, device)
         rows.append(_ratio(row, peak))
     return rows
 
@@ -96,31 +95,37 @@ def random_rows(models: list[str], formats: list[str], *, dtype, device, tiny: b
     rows = []
     kw = dict(kw, tiny_head_dim=16)  # tiny shapes: the Triton attention's smallest head_dim, for both models
     for name in models:
-        dense = random_llm(name, dtype, device, tiny, **kw)
-        dense_row: dict = {}
-        _measure(dense_row, "dense_", dense, n_tokens, device)
+        dense_row = {"dense": "random weights, same config"}
+        _measure(dense_row, "dense_", lambda: random_llm(name, dtype, device, tiny, **kw), n_tokens, device)
         for fmt in formats:
             bits, sym = QUANT_RANDOM[fmt]
-            # the packed kernels run on the Triton ops (on CPU: through the interpreter, a smoke test)
             groups = []
-            quant = random_llm(name, dtype, device, tiny, kernels="triton",
-                               edit=lambda m: groups.extend(quantize_randomly(m, bits, sym, 128)), **kw)
-            group = "/".join(map(str, groups))
-            row = {"model": name, "quantization": f"random int{bits} group {group} {'sym' if sym else 'asym'}",
-                   "quant_weights": quant_weights(quant), "target": TARGETS.get(bits, ""),
-                   "dense": "random weights, same config"}
-            _measure(row, "", quant, n_tokens, device)
+            # the packed kernels run on the Triton ops (on CPU: through the interpreter, a smoke test)
+            row = {"model": name, "quantization": "", "target": TARGETS.get(bits, "")}
+            _measure(row, "", lambda: random_llm(name, dtype, device, tiny, kernels="triton", **kw,
+                                                 edit=lambda m: groups.extend(quantize_randomly(m, bits, sym, 128))),
+                     n_tokens, device)
+            row["quantization"] = f"random int{bits} group {'/'.join(map(str, groups))} {'sym' if sym else 'asym'}"
             rows.append(_ratio({**row, **dense_row}, peak))
     return rows
 
 
-def _measure(row: dict, prefix: str, llm, n_tokens: int, device) -> None:
+def _measure(row: dict, prefix: str, make_llm, n_tokens: int, device) -> None:
+    """Start an engine, time its decode, and let it go before the next one starts (nothing on one device is freed
+    by close(): the last reference must go). The quantized one (no prefix) also says what its projections are."""
+    import gc
+
     from qwen2_triton.bench.e2e import decode_tps, weight_bytes
 
+    llm = make_llm()
+    if not prefix:
+        row["quant_weights"] = quant_weights(llm)
     row[f"{prefix}decode_graph_tok_s"] = decode_tps(llm, n_tokens, device)
     row[f"{prefix}weights_GB"] = weight_bytes(llm) / 1e9
     row[f"{prefix}decode_graph_GB_s"] = row[f"{prefix}weights_GB"] * row[f"{prefix}decode_graph_tok_s"]
     llm.close()
+    del llm
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
