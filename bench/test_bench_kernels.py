@@ -10,9 +10,10 @@ that bounds the kernel, measured device-copy bandwidth for memory-bound ones and
 (``PEAK_TFLOPS``) for prefill attention. pytest-benchmark's own table times the Triton launch wall-clock
 (synchronised) as a cross-check; the figures of record are in the CSV.
 
-Without CUDA the same tests collect and run as a smoke test (CI): one tiny shape each, the Triton kernels
-through the interpreter, each checked against its reference, nothing timed or written. A benchmark broken by a
-kernel change is found here, not in a GPU session's scarce device time.
+Without CUDA the same tests collect and run as a smoke test (CI): one tiny shape each (the quantized linear: both
+launch shapes, each format), the Triton kernels through the interpreter, each checked against its reference,
+nothing timed or written. A benchmark broken by a kernel change is found here, not in a GPU session's scarce
+device time.
 """
 from __future__ import annotations
 
