@@ -56,10 +56,12 @@ class Variant:
     num_warps: int
     num_stages: int = 3
     aligned: tuple = field(default=())  # args Triton specialises as divisible by 16 (pointers, ints)
+    options: tuple = field(default=())  # other compile options the launcher passes ((name, value), ...)
 
     @property
     def key(self):
-        return self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages, self.aligned
+        return self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages, self.aligned, \
+            self.options
 
 
 # ------------------------------------------------------------------------------------------ capture
@@ -114,7 +116,8 @@ def specialise(kernel_ref: str, args: tuple, kwargs: dict, label: str) -> Varian
             aligned.append(p.name)
     stages = kwargs.get("num_stages", CUDAOptions.__dataclass_fields__["num_stages"].default)
     warps = kwargs.get("num_warps", CUDAOptions.__dataclass_fields__["num_warps"].default)
-    return Variant(kernel_ref, label, tuple(sig), tuple(consts), warps, stages, tuple(aligned))
+    options = tuple((k, kwargs[k]) for k in ("enable_fp_fusion",) if k in kwargs)  # gguf_linear: off
+    return Variant(kernel_ref, label, tuple(sig), tuple(consts), warps, stages, tuple(aligned), options)
 
 
 def _capture(out: list, kernel_refs, label: str, launch, keep=None) -> None:
@@ -314,7 +317,8 @@ def compile_one(variant: Variant, cap: int, dump_dir: str | None = None) -> dict
         log = io.StringIO()  # Triton prints its own ptxas -v log (TRITON_DUMP_PTXAS_LOG, set by run())
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                                      options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+                                      options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages,
+                                                   **dict(variant.options)))
         row["shared"] = int(compiled.metadata.shared)
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
         if not spills:
@@ -365,8 +369,10 @@ def problems(row) -> str:
 
 
 def run(archs, dtypes, kernels=None, jobs=None, dump_dir=None, extra_prefill=()) -> int:
+    from qwen2_triton.kernels.compile_check_gguf import gguf_variants
+
     todo = [(v, cap) for cap in archs for v in variants(dtypes, cap, extra_prefill)
-                              + quant_variants(dtypes, cap)
+                              + quant_variants(dtypes, cap) + gguf_variants(dtypes, cap)
             if not kernels or any(k in v.kernel for k in kernels)]
     jobs = jobs or min(8, os.cpu_count() or 1)
     if dump_dir:

@@ -1,0 +1,42 @@
+"""The GGUF weight-only kernel's variants for kernels/compile_check.py (issue 11), captured from its real launcher.
+
+A handful, to keep the check's time small: each type's constexpr set (Q8_0: 8-bit words; Q5_0: a 1-bit high plane;
+Q4_K: the min path; Q6_K: a 2-bit high plane and 16-row scales) at batch-1 decode (split-K; M=1 is a Triton
+constant) and a 256-row prefill, in bf16; fp16 for Q4_K, the type with the most live tiles (scales, d, mins).
+K-quants at Qwen2-7B's down_proj (K 18944 = 74 super-blocks: every Qwen2 K-quant K is a multiple of 256, so the
+specialisation is the same); Q5_0 / Q8_0 at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own layout.
+"""
+from __future__ import annotations
+
+GGUF_SHAPES = {"Q4_K": (18944, 3584, False), "Q6_K": (18944, 3584, False),  # (K, N, bias)
+               "Q5_0": (896, 1152, True), "Q8_0": (896, 1152, True)}
+GGUF_DTYPES = {"bf16": ("Q8_0", "Q5_0", "Q4_K", "Q6_K"), "fp16": ("Q4_K",)}
+
+
+def gguf_variants(dtypes, cap: int | None = None) -> list:
+    import torch
+
+    from qwen2_triton.kernels.compile_check import QUANT_SM_COUNT, _capture, _dedupe
+    from qwen2_triton.kernels.gguf_linear import FORMATS, GGUFWeight, gguf_linear
+
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    out: list = []
+    for dt in dtypes:
+        for qtype in GGUF_DTYPES.get(dt, ()):
+            f = FORMATS[qtype]
+            k, n, bias = GGUF_SHAPES[qtype]
+            sub_dtype = {"Q8_0": torch.float16, "Q5_0": torch.float16, "Q4_K": torch.uint8,
+                         "Q6_K": torch.int8}[qtype]
+            w = GGUFWeight(qtype, torch.empty(k * f.lo_bits // 32, n, dtype=torch.int32),
+                           torch.empty(k * f.hi_bits // 32, n, dtype=torch.int32) if f.hi_bits else None,
+                           torch.empty(k // f.sub_rows, n, dtype=sub_dtype),
+                           torch.empty(k // 32, n, dtype=torch.uint8) if f.has_min else None,
+                           torch.empty(k // 256, n, dtype=torch.float16) if f.super_rows else None,
+                           torch.empty(k // 256, n, dtype=torch.float16) if f.has_min else None, k, n)
+            for cp in [cap] if cap is not None else sorted(QUANT_SM_COUNT):
+                for m in (1, 256):
+                    x = torch.empty(m, k, dtype=tdt[dt])
+                    b = torch.empty(n, dtype=tdt[dt]) if bias else None
+                    _capture(out, ["gguf_linear:gguf_linear_kernel"], f"{dt} {qtype} M={m} K={k}",
+                             lambda: gguf_linear(x, w, b, sm_count=QUANT_SM_COUNT.get(cp, 132)))
+    return _dedupe(out)

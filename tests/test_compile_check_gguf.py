@@ -1,0 +1,31 @@
+"""The GGUF kernel's variants in the compile check (kernels/compile_check_gguf.py), compiled for sm_80 and sm_90
+without a GPU: no spills, and the PTX really has FP fusion off (Q4_K's d*sc*q - dmin*m as a multiply and a
+subtract, not an fma: rounded as gguf.quants rounds it, which the interpreter tests cannot see)."""
+import glob
+import os
+
+from qwen2_triton.kernels import compile_check
+from qwen2_triton.kernels.compile_check_gguf import gguf_variants
+
+
+def test_variants_cover_every_type_with_fusion_off():
+    vs = gguf_variants(["bf16", "fp16", "fp32"], 90)
+    labels = {v.label for v in vs}
+    assert labels == {f"bf16 {q} M={m} K={k}" for q, k in (("Q8_0", 896), ("Q5_0", 896), ("Q4_K", 18944),
+                                                          ("Q6_K", 18944)) for m in (1, 256)} | \
+        {"fp16 Q4_K M=1 K=18944", "fp16 Q4_K M=256 K=18944"}
+    assert all(dict(v.options) == {"enable_fp_fusion": False} for v in vs)
+
+
+def test_gguf_variants_compile_without_spills(capfd, tmp_path):
+    rc = compile_check.main(["--arch", "sm_80,sm_90", "--kernels", "gguf", "--dtypes", "bf16,fp16",
+                             "--dump", str(tmp_path)])
+    out = capfd.readouterr().out
+    assert rc == 0, out
+    rows = [r for r in out.splitlines() if r.startswith("gguf_linear_kernel")]
+    assert len(rows) == 20 and all(r.rstrip().endswith("ok") for r in rows), out
+    q4k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q4_K*.ptx"))
+    assert len(q4k) == 8
+    for path in q4k:
+        ptx = open(path).read()
+        assert "fma.rn.f32" not in ptx and "sub.rn.f32" in ptx, path  # fusion on: 64 fma, no sub (M=1, sm_90)
