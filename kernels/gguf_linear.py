@@ -296,9 +296,3 @@ def gguf_linear(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None
             red += bias.float()
         out.copy_(red)
     return out
-
-
-def describe(fmt_names=tuple(FORMATS)) -> str:
-    """Bits per weight of each kernel layout against the file's: for the env report and the docs."""
-    return ", ".join(f"{q} {FORMATS[q].bits_per_weight:.4g} ({NATIVE_BPW[q]:.4g} in the file)" for q in fmt_names)
-
