@@ -44,13 +44,12 @@ def unpack_blocks(data, qtype: str) -> BlockFields:
     if qtype not in BLOCK_BYTES:
         raise ValueError(f"GGUF type {qtype} has no block unpacker (supported: {sorted(BLOCK_BYTES)})")
     raw = torch.from_numpy(np.array(data)) if isinstance(data, np.ndarray) else data.contiguous()
-    nbytes, nvals = BLOCK_BYTES[qtype]
+    nbytes, _ = BLOCK_BYTES[qtype]
     if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] % nbytes:
         raise ValueError(f"{qtype} data must be uint8 (rows, whole {nbytes}-byte blocks), got {raw.dtype} "
                          f"{tuple(raw.shape)}")
-    n, k = raw.shape[0], raw.shape[1] // nbytes * nvals
-    b = raw.reshape(-1, nbytes)
-    f = _UNPACK[qtype](b)
+    n = raw.shape[0]
+    f = _UNPACK[qtype](raw.reshape(-1, nbytes))  # per block: codes (blocks, nvals), scales per block
     return BlockFields(qtype, *(None if t is None else t.reshape(n, -1) for t in f))
 
 

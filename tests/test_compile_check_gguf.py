@@ -27,5 +27,6 @@ def test_gguf_variants_compile_without_spills(capfd, tmp_path):
     q4k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q4_K*.ptx"))
     assert len(q4k) == 8
     for path in q4k:
-        ptx = open(path).read()
+        with open(path) as f:
+            ptx = f.read()
         assert "fma.rn.f32" not in ptx and "sub.rn.f32" in ptx, path  # fusion on: 64 fma, no sub (M=1, sm_90)

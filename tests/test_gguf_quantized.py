@@ -83,8 +83,7 @@ def write_gguf(path, demo_blocks, types=TYPES, extra=None) -> str:
                 w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
                 continue
             qtype = types[n][proj]
-            nbytes, nvals = BLOCK_BYTES[qtype]
-            count = rows * cols // nvals
+            count = rows * cols // BLOCK_BYTES[qtype][1]
             blocks = demo_blocks[qtype][start[qtype]: start[qtype] + count]  # real blocks, a new run per tensor
             assert len(blocks) == count
             start[qtype] += count
