@@ -170,6 +170,7 @@ def variants(dtypes, cap: int | None = None, extra_prefill=()):
     from qwen2_triton.kernels.attention_prefill import attention_prefill
     from qwen2_triton.kernels.rmsnorm import rms_norm
     from qwen2_triton.kernels.rotary import rotary
+    from qwen2_triton.kernels.rotary_store_kv import rotary_store_kv
     from qwen2_triton.kernels.swiglu import swiglu
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -199,6 +200,12 @@ def variants(dtypes, cap: int | None = None, extra_prefill=()):
                 cache = torch.empty(4, PAGE, hk, d, dtype=tdt[cache_dt])
                 _capture(out, ["attention:store_kv_kernel"], f"{dt} Hk={hk} D={d} cache={cache_dt}",
                          lambda: store_kv(k, v, cache, torch.empty_like(cache), torch.zeros(T, dtype=torch.int64)))
+            # the graph's fused op (the runtime's cache has the model's dtype; rows int64 or int32)
+            cache = torch.empty(4, PAGE, hk, d, dtype=t)
+            for pos in (torch.int32, torch.int64):
+                _capture(out, ["rotary_store_kv:rotary_store_kv_kernel"], f"{dt} {hq}/{hk}x{d} pos={str(pos)[-5:]}",
+                         lambda: rotary_store_kv(q, k, v, torch.zeros(T, dtype=pos), cos_sin, cache,
+                                                 torch.empty_like(cache), torch.zeros(T, dtype=torch.int64)))
         for d in (64, 128):
             layouts = [(ATTN_GQA[d], "all")] + ([(ATTN_MHA[d], "default")] if d in ATTN_MHA else [])
             for (hq, hk), which in layouts:
@@ -390,13 +397,13 @@ def run(archs, dtypes, kernels=None, jobs=None, dump_dir=None, extra_prefill=())
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    print(f"{'kernel':20} {'variant':32} {'arch':5} {'regs':>4} {'stack':>5} {'shared':>6} {'spill st/ld':>11} "
+    print(f"{'kernel':22} {'variant':32} {'arch':5} {'regs':>4} {'stack':>5} {'shared':>6} {'spill st/ld':>11} "
           f"{'prog/SM':>7} {'mma':8} {'widest ld':14} {'rows':7} status")
     failed = 0
     for r in rows:
         problem = problems(r)
         failed += bool(problem)
-        print(f"{r['kernel']:20} {r['label']:32} {r['arch']:5} {r['regs']:>4} {r['stack']:>5} {r['shared']:>6} "
+        print(f"{r['kernel']:22} {r['label']:32} {r['arch']:5} {r['regs']:>4} {r['stack']:>5} {r['shared']:>6} "
               f"{r['spill_st']:>5}/{r['spill_ld']:<5} {r['progs']:>7} {r['mma']:8} {r['ld']:14} {r['rows'] or '-':7} "
               f"{problem or 'ok'}")
     print(f"{len(rows)} compiled, {failed} failed")

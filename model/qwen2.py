@@ -1,7 +1,7 @@
 """The Qwen2 graph. It names the math; every op with a kernel comes from ``ops`` (runtime/backend.py).
 
     h = embed(ids)
-    per layer:  x, r = norm1(h, r);  q,k,v = x @ Wqkv + b;  q,k = rope(q,k, rows);  cache <- k,v
+    per layer:  x, r = norm1(h, r);  q,k,v = x @ Wqkv + b;  q = rope(q);  cache <- rope(k), v   (one op)
                 a = attn(q, cache);  h = a @ Wo;  x, r = norm2(h, r);  h = swiglu(x @ Wgu) @ Wdown
     x, _ = norm(h, r);  logits = x[rows] @ lm_head
 """
@@ -92,9 +92,8 @@ class Qwen2Model:
             q = q.view(T, cfg.num_attention_heads, cfg.head_dim)  # (T, Hq, D) views into qkv
             k = k.view(T, cfg.num_key_value_heads, cfg.head_dim)
             v = v.view(T, cfg.num_key_value_heads, cfg.head_dim)
-            q, k = ops.rotary(q, k, rope_rows, self.cos_sin)
             k_cache, v_cache = kv_caches[n]
-            ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            q = ops.rotary_store_kv(q, k, v, rope_rows, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
             a = ops.attention(q, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
             h = ops.linear(a.reshape(T, cfg.q_size), P[p + "self_attn.o_proj.weight"])
             if tp is not None:

@@ -11,6 +11,8 @@ Op contracts (T tokens, H hidden, Hq/Hk heads, D head_dim, I intermediate):
         rows: each token's cos/sin row, its position + its rope mode's table offset (kernels/rotary.py)
     swiglu(gate_up (T,2I)) -> (T,I)
     store_kv(k, v (T,Hk,D), k_cache, v_cache (N,block,Hk,D), slot_mapping (T,)) -> None
+    rotary_store_kv(q, k, v, rows, cos_sin, k_cache, v_cache, slot_mapping) -> rotated q (may be in place);
+        rotary and store_kv in one: rotated k and v go to the cache only (the graph's op; kernels/rotary_store_kv.py)
     attention(q (T,Hq,D), k_cache, v_cache, meta: AttentionMetadata, scale) -> (T,Hq,D)
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from qwen2_triton.kernels.attention import attention_ref, store_kv_ref
 from qwen2_triton.kernels.rmsnorm import rms_norm_ref
 from qwen2_triton.kernels.rotary import rotary_ref
+from qwen2_triton.kernels.rotary_store_kv import rotary_store_kv_ref
 from qwen2_triton.kernels.swiglu import swiglu_ref
 
 class TorchOps:
@@ -52,6 +55,7 @@ class TorchOps:
     rotary = staticmethod(rotary_ref)
     swiglu = staticmethod(swiglu_ref)
     store_kv = staticmethod(store_kv_ref)
+    rotary_store_kv = staticmethod(rotary_store_kv_ref)
     attention = staticmethod(attention_ref)
 
 

@@ -21,6 +21,7 @@ from qwen2_triton.kernels.attention import AttentionMetadata
 from qwen2_triton.kernels.launch import sm_count_of
 from qwen2_triton.kernels.rmsnorm import rms_norm as _rms_norm
 from qwen2_triton.kernels.rotary import rotary as _rotary
+from qwen2_triton.kernels.rotary_store_kv import rotary_store_kv as _rotary_store_kv
 from qwen2_triton.kernels.swiglu import swiglu as _swiglu
 
 
@@ -69,6 +70,11 @@ class TritonOps:
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
         _attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+        return _rotary_store_kv(q, k, v, rows, cos_sin, k_cache, v_cache, slot_mapping)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float) -> torch.Tensor:

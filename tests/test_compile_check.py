@@ -9,8 +9,8 @@ import torch
 
 from qwen2_triton.kernels import compile_check, compiled_facts, launch
 
-KERNELS = ("rms_norm_kernel", "swiglu_kernel", "rotary_kernel", "store_kv_kernel", "prefill_kernel",
-           "decode_split_kernel", "decode_merge_kernel")
+KERNELS = ("rms_norm_kernel", "swiglu_kernel", "rotary_kernel", "store_kv_kernel", "rotary_store_kv_kernel",
+           "prefill_kernel", "decode_split_kernel", "decode_merge_kernel")
 
 
 def _rows(out):
