@@ -26,6 +26,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64, flat cache slot of each query token's key/value
     max_seqlen_q: int  # host ints: launch grids are sized from them without a device sync
     max_seqlen_k: int
+    # sequences with exactly one query token this step (host int, the scheduler knows it); 0 lets a step of
+    # prefill chunks skip the decode launches, None (unknown) launches them (their programs exit at once)
+    decode_seqs: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -211,4 +214,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
               f"blocks of {cfg.BLOCK_M} rows, above the grid limit of 65535: split the step")
         attention_prefill(q, k_cache, v_cache, meta, scale, out, cfg)
     # Also in a prefill step: its 1-token chunks and the decode rows of a mixed step are the decode kernel's.
+    if meta.decode_seqs == 0:  # only longer chunks: every decode program would exit at once
+        return out
     return attention_decode(q, k_cache, v_cache, meta, scale, out, num_splits, decode_cfg, min_split_keys)

@@ -72,7 +72,7 @@ def make_paged_batch(q_lens: list[int], seq_lens: list[int], n_q_heads: int, n_k
         cu_seqlens_q=cu.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=block_tables.to(device),
         slot_mapping=torch.full((q.shape[0],), -1, dtype=torch.int64, device=device),
-        max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens))
+        max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens), decode_seqs=sum(n == 1 for n in q_lens))
     return q, k_cache, v_cache, meta
 
 

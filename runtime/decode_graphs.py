@@ -79,7 +79,7 @@ class DecodeGraphs:
         # (kernels/attention_decode.py split_plan), so a 1k-token context runs 4 splits, not the capture's 64.
         return AttentionMetadata(cu_seqlens_q=self.cu_seqlens_q[: bs + 1], seq_lens=self.seq_lens[:bs],
                                  block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-                                 max_seqlen_q=1, max_seqlen_k=self.max_model_len)
+                                 max_seqlen_q=1, max_seqlen_k=self.max_model_len, decode_seqs=bs)
 
     def _forward(self, bs: int) -> torch.Tensor:
         self.seq_lens[:bs].copy_(self.inputs[3, :bs])  # int64 -> int32 on the device, inside the graph

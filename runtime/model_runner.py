@@ -49,7 +49,7 @@ def profile_step_memory(model: Qwen2Model, num_tokens: int, block_size: int, kv_
         seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
         block_tables=torch.arange(1, nblk, dtype=torch.int32, device=dev)[None],
         slot_mapping=torch.arange(block_size, block_size + t, dtype=torch.int64, device=dev),
-        max_seqlen_q=t, max_seqlen_k=t)
+        max_seqlen_q=t, max_seqlen_k=t, decode_seqs=int(t == 1))
     logits = model.forward(torch.zeros(t, dtype=torch.int64, device=dev), torch.arange(t, device=dev), meta, kv,
                            torch.arange(t, device=dev))  # all rows' logits: the prompt_logprobs worst case
     logits.log_softmax(-1)  # ... and their log-softmax, which the step also holds
@@ -185,7 +185,7 @@ class ModelRunner:
             seq_lens=torch.tensor(s.lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             slot_mapping=torch.tensor(s.slots, dtype=torch.int64, device=dev),
-            max_seqlen_q=s.max_q, max_seqlen_k=s.max_k,
+            max_seqlen_q=s.max_q, max_seqlen_k=s.max_k, decode_seqs=sum(c.length == 1 for c in chunks),
         )
         # Always run the model, even when no row needs logits (a prefill chunk that does not reach the end of
         # its prompt): its keys and values must land in the cache.

@@ -95,3 +95,18 @@ def test_single_long_prompt_block_order(device):
     with poisoned_allocations():
         got = attention(q, kc, vc, meta, 0.125)
     torch.testing.assert_close(got, attention_ref(q, kc, vc, meta, 0.125), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("decode_seqs,launches", [(0, 0), (None, 1)])
+def test_prefill_only_step_skips_the_decode_launch(monkeypatch, decode_seqs, launches, device):
+    """Chunks of 2+ tokens only: with the scheduler's decode_seqs = 0 the decode kernel is not launched at all
+    (B x Hk x splits programs that would each exit at once); unknown (None) it still is. Same result either way."""
+    spy = _Spy(decode_mod.decode_split_kernel)
+    monkeypatch.setattr(decode_mod, "decode_split_kernel", spy)
+    q, kc, vc, meta = _batch([12, 3], [12, 40], 4, 2, 64, torch.float32, device, seed=4)
+    assert meta.decode_seqs == 0  # make_paged_batch counts them as the runner does
+    meta.decode_seqs = decode_seqs
+    with poisoned_allocations():
+        got = attention(q, kc, vc, meta, 0.125, num_splits=2)
+    torch.testing.assert_close(got, attention_ref(q, kc, vc, meta, 0.125), **TOL[torch.float32])
+    assert len(spy.grids) == launches

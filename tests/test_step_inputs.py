@@ -50,3 +50,25 @@ def test_fast_path_matches_the_general_path_through_prefill_chunks_and_decodes()
     llm.generate(prompts, params)
     assert any(all(n == 1 for n in step) for step in seen)  # pure decode steps
     assert any(1 in step and max(step) > 1 for step in seen)  # mixed steps
+
+
+def test_runner_counts_the_decode_sequences_of_each_step():
+    """AttentionMetadata.decode_seqs (0 lets a step of prefill chunks skip the decode launch) equals the number of
+    q_len == 1 sequences in every eager step: prefill-only, mixed and pure decode steps all occur."""
+    llm = noop_llm(4, max_steps=80)
+    llm.scheduler.max_num_batched_tokens = 24
+    model = llm.runner.model
+    inner, seen = model.forward, []
+
+    def spy(input_ids, positions, meta, kv_caches, logits_rows, **kw):
+        cu = meta.cu_seqlens_q.tolist()
+        q_lens = [b - a for a, b in zip(cu, cu[1:])]
+        assert meta.decode_seqs == sum(n == 1 for n in q_lens), q_lens
+        seen.append(q_lens)
+        return inner(input_ids, positions, meta, kv_caches, logits_rows, **kw)
+
+    model.forward = spy
+    llm.generate([list(range(5, 5 + n)) for n in (40, 1, 60, 3)],
+                 SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
+    assert any(1 not in q for q in seen) and any(1 in q and max(q) > 1 for q in seen)
+    assert any(set(q) == {1} for q in seen)
