@@ -32,9 +32,9 @@ PROJECTIONS = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_
 
 def quant_weights(llm) -> str:
     """What the projections are after loading: packed (run by the weight-only kernels) or dense."""
-    from qwen2_triton.kernels.quant_linear import FusedQuantWeight, QuantWeight
+    import torch
 
-    packed = [p for p in llm.model.params.values() if isinstance(p, (QuantWeight, FusedQuantWeight))]
+    packed = [p for p in llm.model.params.values() if not isinstance(p, torch.Tensor)]  # GPTQ/AWQ/GGUF weights
     return f"packed ({len(packed)} projections)" if packed else "dequantized at load"
 
 
