@@ -48,6 +48,7 @@ class SamplingPlan:
     window_rows: object = None  # sampled, top-k on: the topk-window path
     full_rows: object = None  # sampled, top-k off (or k too large for a window)
     window: int = 0  # topk width for window rows: the largest k plus slack for ties
+    window_k: int = 0  # the k every window row has (the common case: one generation_config), 0 when they differ
     window_top_p: bool = False  # some window row has top_p < 1
     window_min_p: bool = False
     full_top_p: bool = False  # some full row has top_p < 1: those rows are sorted
@@ -168,6 +169,7 @@ def make_plan(temperature, top_k, top_p, min_p, vocab: int, device, repetition: 
     return SamplingPlan(
         greedy_rows=group(greedy), window_rows=group(window), full_rows=group(full),
         window=window_width(int(top_k[window].max()), vocab) if window.any() else 0,
+        window_k=int(top_k[window][0]) if window.any() and (top_k[window] == top_k[window][0]).all() else 0,
         window_top_p=bool((top_p[window] < 1).any()), window_min_p=bool((min_p[window] > 0).any()),
         full_top_p=bool((top_p[full] < 1).any()), full_min_p=bool((min_p[full] > 0).any()),
         repetition=repetition, frequency=frequency, masked=masked)
@@ -228,16 +230,22 @@ def _filter_full(x: torch.Tensor, t: SamplingTensors, plan: SamplingPlan) -> tor
     return x  # neutral filters: temperature only
 
 
-def _window(logits: torch.Tensor, t: SamplingTensors, width: int, top_p: bool, min_p: bool, masked: bool):
+def _window(logits: torch.Tensor, t: SamplingTensors, width: int, top_p: bool, min_p: bool, masked: bool,
+            k: int = 0):
     """Top-k rows on the ``width`` largest logits of each row. Returns the window's filtered logits and token ids,
-    ascending (B, width), and (B, 1) bool: rows whose ties with the k-th value may reach past the window."""
+    ascending (B, width), and (B, 1) bool: rows whose ties with the k-th value may reach past the window.
+    ``k``: the k of every row when they share one (the k-th value is then a column, no gather), else 0."""
     vals, ids = largest(logits, width, mostly_equal=masked)  # descending
     asc = vals.flip(-1).div_(_safe_temperature(t))
-    kth = asc.gather(-1, t.const("kth", lambda: (width - t.top_k.clamp(1, width))[:, None]))
+    if 0 < k <= width:
+        kth = asc[:, width - k: width - k + 1]  # a view: read before any write below
+    else:
+        kth = asc.gather(-1, t.const("kth", lambda: (width - t.top_k.clamp(1, width))[:, None]))
     # a tie past the window: the window's last value equals the k-th; not when both are -inf (fewer tokens left
     # than k by a grammar mask: ties only with tokens of probability 0), where the difference is NaN
     edge = (asc[:, :1] - kth) == 0 if width < logits.shape[-1] else None
-    _inf_where(asc, asc < kth)
+    drop = asc < kth  # computed before the masked fill: kth may be a view of asc
+    _inf_where(asc, drop)
     return _top_p_min_p(asc, t, top_p, min_p), ids.flip(-1), edge
 
 
@@ -267,7 +275,8 @@ def filter_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         rows = plan.window_rows
         tw = _group(t, "window", rows)
         x = _take(logits, rows)
-        asc, ids, edge = _window(x, tw, plan.window, plan.window_top_p, plan.window_min_p, plan.masked)
+        asc, ids, edge = _window(x, tw, plan.window, plan.window_top_p, plan.window_min_p, plan.masked,
+                                 plan.window_k)
         part = torch.full_like(x, float("-inf")).scatter_(1, ids, asc)
         if edge is not None and bool(edge.any()):
             redo = torch.nonzero(edge[:, 0]).flatten()
@@ -323,10 +332,10 @@ def draw(logits: torch.Tensor, t: SamplingTensors, writable: bool = False) -> Dr
         rows = plan.window_rows
         tw = _group(t, "window", rows)
         asc, ids, edge = _window(_take(logits, rows), tw, plan.window, plan.window_top_p, plan.window_min_p,
-                                plan.masked)
+                                plan.masked, plan.window_k)
         tok = ids.gather(1, race(asc.softmax(-1), tw.keys(), ids))
         if edge is not None:
-            tok, flagged = torch.where(edge, -1, tok), True
+            tok, flagged = tok.masked_fill_(edge, -1), True
         tokens = _put(tokens, rows, tok.squeeze(1))
     if plan.full_rows is not None:
         rows = plan.full_rows

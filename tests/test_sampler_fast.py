@@ -162,6 +162,19 @@ def test_race_is_the_argmax_of_p_over_e():
     assert torch.equal(race(probs.clone(), keys, ids), want)
 
 
+def test_cpu_hash_is_the_torch_hash():
+    """race's CPU path hashes in numpy: the same 24-bit values as the torch mix (bits_to_exponential's input) for
+    extreme keys and token ids, per-row ids and one id row shared by every row."""
+    from qwen2_triton.runtime.sampling_noise import MASK32, _mix32, hash_bits24
+
+    g = torch.Generator().manual_seed(1)
+    keys = torch.cat([torch.tensor([0, 1, 2**32 - 1, 2**31]), torch.randint(0, 2**32, (60,), generator=g)])
+    for ids in (torch.randint(0, 152064, (64, 37), generator=g), torch.tensor([0, 1, 152063, 2**20 - 1]),
+                torch.arange(152064).flip(0)[::1000]):
+        want = (_mix32((keys[:, None] + ids * 0x85EBCA6B) & MASK32) >> 8).float()
+        assert torch.equal(hash_bits24(keys, ids), want)
+
+
 def test_noise_at_equals_the_full_row_noise():
     seeds, steps = torch.tensor([1, 2**32 - 1, 77]), torch.tensor([0, 3, 10**6])
     full = exponential_noise(seeds, steps, 5000)
