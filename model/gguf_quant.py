@@ -7,8 +7,8 @@ else streams through the usual dequantize-at-load path (model/gguf_loader.py -> 
   dequantized as before (logged), so one odd tensor costs memory, never correctness;
 - embeddings and lm_head: dense, as for GPTQ/AWQ (the lm_head runs through cuBLAS on the model dtype; quantizing
   it is left for later).
-Qwen2Model allocates the projections dense; they leave ``model.params`` before loading and the CUDA cache is
-emptied, so the dense copy is never filled (the peak is the allocation itself, as on the GPTQ path).
+The loader asks ``kept_projections`` first and builds Qwen2Model without them, so no dense copy of a kept projection
+is ever allocated (the GPTQ / AWQ path does the same).
 """
 from __future__ import annotations
 
@@ -42,25 +42,32 @@ def plan(tensors, num_layers: int) -> tuple[dict[str, list[str]], list[str]]:
     return keep, dense
 
 
-def gguf_tensor_stream(model, tensors, quantization: str, source: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensor stream model/weights.py ``load_into`` reads for a GGUF (model/gguf_loader.py GGUFTensors):
-    the kept projections are left out of it and put into ``model.params`` as GGUF weights when it ends."""
+def kept_projections(tensors, num_layers: int, ops, quantization: str, tp, source: str) -> dict[str, list[str]]:
+    """Fused parameter -> its parts' HF names, for the projections that stay quantized (empty: none do)."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
-    if quantization != "auto" or not getattr(model.ops, "quantized_linear", False):
-        return tensors.items()
-    if getattr(model, "tp", None) is not None:
+    if quantization != "auto" or not getattr(ops, "quantized_linear", False):
+        return {}
+    if tp is not None:
         log.info("%s: tensor parallel: GGUF projections are dequantized at load (sharding reads dense tensors)",
                  source)
-        return tensors.items()
-    keep, dense = plan(tensors, model.cfg.num_hidden_layers)
+        return {}
+    keep, dense = plan(tensors, num_layers)
     if dense:
         log.info("%s: %d projection(s) have a GGUF type the kernel does not read (it reads %s) and are "
                  "dequantized at load: %s", source, len(dense), ", ".join(KERNEL_TYPES), "; ".join(dense[:4]))
-    for name in keep:
-        model.params.pop(name)
-    if torch.device(model.device).type == "cuda":  # Qwen2Model allocated them dense: return that memory
-        torch.cuda.empty_cache()
+    return keep
+
+
+def gguf_tensor_stream(model, tensors, keep: dict[str, list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensor stream model/weights.py ``load_into`` reads for a GGUF (model/gguf_loader.py GGUFTensors):
+    the ``keep`` projections (``kept_projections``; not allocated in ``model.params``) are left out of it and put
+    into ``model.params`` as GGUF weights when it ends."""
+    if not keep:
+        return tensors.items()
+    for name in keep:  # a model built without ``defer`` allocated them dense: drop them before load_into looks
+        if model.params.pop(name, None) is not None and torch.device(model.device).type == "cuda":
+            torch.cuda.empty_cache()
     held = [x for names in keep.values() for x in names]
     return _stream(tensors, held, keep, model)
 

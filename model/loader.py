@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen2_triton.model.config import Qwen2Config
-from qwen2_triton.model.quantization import quantized_tensors
+from qwen2_triton.model.quantization import projection_names, quantized_tensors, read_quant_config
 from qwen2_triton.model.qwen2 import Qwen2Model
 from qwen2_triton.model.sharding import iter_safetensors_shard, shard_tensors
 from qwen2_triton.model.weights import iter_safetensors, load_into, safetensors_files
@@ -112,7 +112,9 @@ def _load_hf_dir(path: str, dtype, device, ops, progress, quantization, tp) -> L
     cfg = Qwen2Config.from_file(os.path.join(path, "config.json"))
     files = safetensors_files(path)
     tokenizer = Tokenizer.from_dir(path)
-    model = Qwen2Model(cfg, ops, dtype, device, tp=tp)
+    # GPTQ / AWQ: the projections arrive packed and are put in by quantized_tensors, never allocated dense first
+    packed = projection_names(cfg) if read_quant_config(path) is not None else ()
+    model = Qwen2Model(cfg, ops, dtype, device, tp=tp, defer=packed)
     tensors = iter_safetensors(files) if tp is None else iter_safetensors_shard(files, model.shard)
     tensors = quantized_tensors(path, model, tensors, quantization)  # GPTQ / AWQ projections
     load_into(model.params, model.local_cfg, tensors, source=path, progress=progress)
@@ -123,12 +125,13 @@ def _load_hf_dir(path: str, dtype, device, ops, progress, quantization, tp) -> L
 
 def _load_gguf(path: str, dtype, device, ops, progress, quantization, tp) -> LoadedModel:
     from qwen2_triton.model.gguf_loader import load_gguf
-    from qwen2_triton.model.gguf_quant import gguf_tensor_stream
+    from qwen2_triton.model.gguf_quant import gguf_tensor_stream, kept_projections
 
     g = load_gguf(path, dtype=dtype, device="cpu", progress=False)
     cfg = Qwen2Config.from_dict(g.config, source=path)
-    model = Qwen2Model(cfg, ops, dtype, device, tp=tp)
-    tensors = gguf_tensor_stream(model, g.tensors, quantization, path)  # projections the kernels run stay packed
+    keep = kept_projections(g.tensors, cfg.num_hidden_layers, ops, quantization, tp, path)  # stay packed
+    model = Qwen2Model(cfg, ops, dtype, device, tp=tp, defer=keep)
+    tensors = gguf_tensor_stream(model, g.tensors, keep)
     if tp is not None:
         tensors = shard_tensors(tensors, model.shard, path)
     load_into(model.params, model.local_cfg, tensors, source=path, progress=progress)

@@ -40,6 +40,11 @@ def read_quant_config(model_dir: str) -> QuantConfig | None:
     return None if raw is None else QuantConfig.from_dict(raw, path)
 
 
+def projection_names(cfg) -> list[str]:
+    """The fused parameters a GPTQ / AWQ checkpoint stores packed: every layer's four projections."""
+    return [f"model.layers.{n}.{MODULE[f]}.{f}.weight" for n in range(cfg.num_hidden_layers) for f in MODULE]
+
+
 def part_shapes(cfg) -> dict[str, tuple[int, int]]:
     """Checkpoint projection -> (in_features, out_features)."""
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
@@ -60,12 +65,9 @@ def quantized_tensors(model_dir: str, model, tensors: Iterable[tuple[str, torch.
         raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
     if getattr(model, "tp", None) is not None:
         raise ValueError(f"{model_dir}: tensor parallelism over a {qc.describe()} checkpoint is not supported yet")
-    cfg = model.cfg
-    names = [f"model.layers.{n}.{MODULE[f]}.{f}.weight" for n in range(cfg.num_hidden_layers) for f in MODULE]
-    for name in names:
-        model.params.pop(name, None)
-    if torch.device(model.device).type == "cuda":  # Qwen2Model allocated them dense: return that memory
-        torch.cuda.empty_cache()
+    for name in projection_names(model.cfg):  # none when the loader deferred them (model/loader.py)
+        if model.params.pop(name, None) is not None and torch.device(model.device).type == "cuda":
+            torch.cuda.empty_cache()
     keep = quantization == "auto" and getattr(model.ops, "quantized_linear", False)
     return _collect(tensors, model, qc, model_dir, keep)
 

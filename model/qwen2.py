@@ -41,15 +41,18 @@ def parameter_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
 class Qwen2Model:
     """Parameters in a flat dict plus a forward over a packed batch; no autograd, no nn.Module machinery."""
 
-    def __init__(self, cfg: Qwen2Config, ops, dtype: torch.dtype, device: torch.device, tp=None):
+    def __init__(self, cfg: Qwen2Config, ops, dtype: torch.dtype, device: torch.device, tp=None, defer=()):
+        """defer: parameter names left unallocated, which the loader puts in itself (quantized projections: a
+        dense copy allocated first would make the load's peak the whole dense model)."""
         self.cfg, self.ops, self.dtype, self.device = cfg, ops, dtype, device
         # Tensor parallelism (tp: runtime/parallel_state.py TensorParallel, None on one device): this rank holds
         # the heads, MLP columns and vocabulary rows of model/sharding.py; local_cfg has its shapes (cfg without tp)
         self.tp = tp
         self.shard = TPShard(cfg, tp.rank, tp.world) if tp is not None else None
         self.local_cfg = self.shard.local_config() if tp is not None else cfg
+        defer = frozenset(defer)
         self.params = {n: torch.empty(s, dtype=dtype, device=device)
-                       for n, s in parameter_shapes(self.local_cfg).items()}
+                       for n, s in parameter_shapes(self.local_cfg).items() if n not in defer}
         # One buffer, one table per rope mode ("plain", and "yarn" when config.json has rope_scaling): a token
         # reads row position + rope_offsets[its request's mode], so one batch mixes modes.
         tables = cfg.rope_tables()

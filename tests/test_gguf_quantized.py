@@ -188,3 +188,26 @@ def test_env_names_the_gguf_types_and_bytes(tiny):
     assert line.startswith("quantization: GGUF")
     assert "14 projection tensors (Q4_K x5, Q5_0 x4, Q6_K x3, Q8_0 x2) run quantized by gguf_linear" in line
     assert "0 fused projection(s) of other types" in line
+
+
+def test_kept_projections_are_never_allocated_dense(tiny, monkeypatch):
+    """The loader builds the model without the projections that stay quantized (model/gguf_quant.py
+    ``kept_projections``), so no dense copy of them is allocated during the load; the dequantized ones are."""
+    from qwen2_triton.model import loader
+
+    allocated = []
+
+    class Recording(loader.Qwen2Model):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            allocated.append(set(self.params))
+
+    monkeypatch.setattr(loader, "Qwen2Model", Recording)
+    for kernels, quantization in (("triton", "auto"), ("triton", "none"), ("torch", "auto")):
+        model = llm(tiny, kernels, quantization=quantization).model
+        names = allocated.pop()
+        projections = {n for n in model.params if n.endswith("_proj.weight")}
+        kept = {n for n in projections if not isinstance(model.params[n], torch.Tensor)}
+        assert len(projections) == 4 * LAYERS and kept == (projections if quantization == "auto" and
+                                                           kernels == "triton" else set())
+        assert not kept & names and (projections - kept) <= names

@@ -190,3 +190,24 @@ def test_env_names_the_quantization_and_bytes(checkpoint, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("quantization:"))
     assert "GPTQ int4 group 128 asym desc_act (format gptq)" in line
     assert "weights 2.2 MB as stored, the packed projections 1.8 MB" in line and "W4A16" in line
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_projections_are_never_allocated_dense(checkpoint, monkeypatch, kernels):
+    """The loader builds the model without the packed projections (model/loader.py ``defer``), so no dense copy of
+    them exists at any point of the load (on a GPU: a peak of the whole dense model); either path puts them in."""
+    from qwen2_triton.model import loader
+
+    allocated = []
+
+    class Recording(loader.Qwen2Model):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            allocated.append(set(self.params))
+
+    monkeypatch.setattr(loader, "Qwen2Model", Recording)
+    llm = LLM(checkpoint("gptq-int4-g128-sym"), dtype="float32", device="cpu", kernels=kernels, progress=False)
+    (names,) = allocated
+    projections = {n for n in llm.model.params if n.endswith("_proj.weight")}
+    assert len(projections) == 4 * llm.model.cfg.num_hidden_layers and not projections & names
+    assert all(isinstance(llm.model.params[n], torch.Tensor) == (kernels == "torch") for n in projections)
