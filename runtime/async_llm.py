@@ -104,6 +104,8 @@ class AsyncLLM:
         sink: asyncio.Queue = asyncio.Queue()
         self._submitted += 1
         self._inbox.put(_Add(processed, loop, sink))
+        if self.dead is not None:  # it died before taking this one (its last drain may have missed it): say so
+            raise EngineDeadError(f"the engine stopped: {self.dead!r}")
         finished = False
         try:
             while not finished:
@@ -145,11 +147,19 @@ class AsyncLLM:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - every request must hear about it, then the thread ends
             log.exception("engine thread stopped")
-            self.dead = e
+            self.dead = e  # set before the last drain: a request put after it sees this (``_follow``)
             err = EngineDeadError(f"the engine stopped: {e!r}")
-            for loop, sink in self._sinks.values():
-                loop.call_soon_threadsafe(sink.put_nowait, err)
+            sinks = list(self._sinks.values())
             self._sinks.clear()
+            while True:  # requests still in the inbox were accepted too: they hear it as well
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Add):
+                    sinks.append((item.loop, item.sink))
+            for loop, sink in sinks:
+                loop.call_soon_threadsafe(sink.put_nowait, err)
 
     def _drain(self, block: bool) -> None:
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
@@ -153,5 +154,36 @@ def test_an_engine_error_reaches_every_request_and_the_engine_says_so(ckpt, monk
                 await engine.generate("y", SamplingParams(max_tokens=1))
         asyncio.run(main())
         assert engine.dead is not None
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_reaches_the_inbox_after_the_engine_died_is_told(ckpt, monkeypatch):
+    """The window between generate's liveness check and the request reaching the engine: a request whose prompt
+    processing ends only after the engine thread died (here held until then) gets EngineDeadError, not a wait
+    forever (two copies of the suite on 2 cores hung here before the fix)."""
+    engine = AsyncLLM(ckpt, **ENGINE)
+    try:
+        def boom():
+            raise RuntimeError("planted failure")
+        monkeypatch.setattr(engine.core, "step", boom)
+        process = engine.inputs.process
+
+        def late(prompt, *a):
+            out = process(prompt, *a)
+            deadline = time.monotonic() + 60
+            while prompt == "late" and engine.dead is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return out
+        monkeypatch.setattr(engine.inputs, "process", late)
+
+        async def one(prompt):
+            async for _ in await engine.generate(prompt, SamplingParams(max_tokens=3)):
+                pass
+
+        async def main():
+            return await asyncio.gather(one("late"), one("x"), return_exceptions=True)
+        results = asyncio.run(asyncio.wait_for(main(), 60))
+        assert all(isinstance(r, EngineDeadError) and "planted failure" in str(r) for r in results), results
     finally:
         engine.shutdown()
