@@ -44,6 +44,7 @@ setup(
     extras_require={
         "demo": DEMO_PARTS,
         "test": ["pytest", "pytest-benchmark", "transformers>=4.45", "accelerate",
+                 "pytest-timeout",  # a hung test fails with its stacks (pytest.ini) instead of stalling CI
                  "jsonschema>=4",  # validates structured outputs independently of xgrammar
                  "openai>=1.30"],  # the real OpenAI client against a live server
     },
