@@ -11,13 +11,16 @@ from __future__ import annotations
 GGUF_SHAPES = {"Q4_K": (18944, 3584, False), "Q6_K": (18944, 3584, False),  # (K, N, bias)
                "Q5_0": (896, 1152, True), "Q8_0": (896, 1152, True)}
 GGUF_DTYPES = {"bf16": ("Q8_0", "Q5_0", "Q4_K", "Q6_K"), "fp16": ("Q4_K",)}
+# The tuning candidates (gguf_candidates) beyond the heuristic: Q4_K (scales, d and mins live per tile) and Q6_K
+# (two planes, 16-row scales) in bf16, the types with the most registers under the default tiles.
+CANDIDATE_TYPES = {"bf16": ("Q4_K", "Q6_K")}
 
 
 def gguf_variants(dtypes, cap: int | None = None) -> list:
     import torch
 
-    from qwen2_triton.kernels.compile_check import QUANT_SM_COUNT, _capture, _dedupe
-    from qwen2_triton.kernels.gguf_linear import FORMATS, GGUFWeight, gguf_linear
+    from qwen2_triton.kernels.compile_check import QUANT_SM_COUNT, _capture, _dedupe, quant_tile
+    from qwen2_triton.kernels.gguf_linear import FORMATS, GGUFWeight, gguf_candidates, gguf_linear
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}
     out: list = []
@@ -37,6 +40,12 @@ def gguf_variants(dtypes, cap: int | None = None) -> list:
                 for m in (1, 256):
                     x = torch.empty(m, k, dtype=tdt[dt])
                     b = torch.empty(n, dtype=tdt[dt]) if bias else None
+                    sm = QUANT_SM_COUNT.get(cp, 132)
                     _capture(out, ["gguf_linear:gguf_linear_kernel"], f"{dt} {qtype} M={m} K={k}",
-                             lambda: gguf_linear(x, w, b, sm_count=QUANT_SM_COUNT.get(cp, 132)))
+                             lambda: gguf_linear(x, w, b, sm_count=sm))
+                    if qtype in CANDIDATE_TYPES.get(dt, ()):
+                        for cfg in gguf_candidates(m, n, k, tdt[dt], sm)[1:]:
+                            _capture(out, ["gguf_linear:gguf_linear_kernel"],
+                                     f"{dt} {qtype} M={m} K={k} cand={quant_tile(cfg)}",
+                                     lambda: gguf_linear(x, w, b, sm_count=sm, config=cfg))
     return _dedupe(out)

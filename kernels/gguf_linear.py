@@ -21,7 +21,8 @@ Bits per weight, ours vs the file's: Q8_0 8.5 = 8.5, Q5_0 5.5 = 5.5, Q6_K 6.5625
 instead of reassembling them from the 12-byte packing across sub-blocks (bits split over bytes 0-3 and 8-11).
 
 Launch shapes (``gguf_config``) are quant_linear's: decode (<= 8 rows) split-K with each weight word loaded once,
-prefill tiled; the same tile sizes, checked for spills by kernels/compile_check.py. Not timed on a GPU.
+prefill tiled; the same tile sizes and tuning candidates (``gguf_candidates``), checked for spills by
+kernels/compile_check.py. Not timed on a GPU here; runtime/quant_tuning.py times the candidates at start-up.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from qwen2_triton.kernels._checks import check, check_tensor
-from qwen2_triton.kernels.quant_linear import QuantConfig, pack_rows, quant_config, unpack_rows
+from qwen2_triton.kernels.quant_linear import QuantConfig, pack_rows, quant_candidates, quant_config, unpack_rows
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,12 @@ def gguf_config(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int | None
     """quant_linear's shapes for a K with no group constraint; every BLOCK_K it picks (32, 64, 128) is a multiple
     of 32, the rows of Q5_0's high-bit word and of every scale."""
     return quant_config(m, n, k, k, dtype, sm_count)
+
+
+def gguf_candidates(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int | None) -> list[QuantConfig]:
+    """quant_linear's tuning candidates (``quant_candidates``) for a K with no group constraint, ``gguf_config``
+    first; each BLOCK_K (64, 128) a multiple of 32."""
+    return quant_candidates(m, n, k, k, dtype, sm_count)
 
 
 @functools.lru_cache(maxsize=None)

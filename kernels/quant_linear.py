@@ -205,12 +205,45 @@ def quant_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, sm
     else:
         block_m = 32 if m <= 32 else 64
         block_n, block_k, warps, stages = 128, _block_k(group_size, k, 64), 8, 3
-    split = 1
-    if m <= DECODE_ROWS:
-        tiles = triton.cdiv(n, block_n)
-        target = 2 if sm_count is None else triton.cdiv(2 * sm_count, tiles)
-        split = max(1, min(target, MAX_SPLIT_K, triton.cdiv(k, block_k)))
+    split = _split_k(n, k, block_n, block_k, sm_count, 2) if m <= DECODE_ROWS else 1
     return QuantConfig(block_m, block_n, block_k, split, warps, stages)
+
+
+def _split_k(n: int, k: int, block_n: int, block_k: int, sm_count: int | None, per_sm: int) -> int:
+    """Splits of the input dim for ~``per_sm`` programs per SM (2 without a GPU), at most MAX_SPLIT_K, at least
+    one K tile each."""
+    target = 2 if sm_count is None else triton.cdiv(per_sm * sm_count, triton.cdiv(n, block_n))
+    return max(1, min(target, MAX_SPLIT_K, triton.cdiv(k, block_k)))
+
+
+# Tuning candidates after the heuristic, per launch shape: (BLOCK_M, BLOCK_N, BLOCK_K cap, warps, stages, programs
+# per SM for split-K). BLOCK_K is the largest power of two <= the cap that divides the group. Every one compiles
+# without a spill on sm_80 and sm_90 (kernels/compile_check.py quant and GGUF variants, triton 3.9). Decode:
+# 4 programs per SM (more weight loads in flight), 128-column tiles (the x tile read once per 128 columns; 8 warps
+# keep the unpacked fields at 64 per thread), a shorter K tile with a deeper pipeline. Prefill: 128-row tiles
+# (half the weight re-reads of 64), 64-column tiles with 4 warps (twice the programs).
+_DECODE_CANDIDATES = [(16, 64, 128, 4, 3, 4), (16, 128, 128, 8, 3, 2), (16, 64, 64, 4, 4, 2)]
+_PREFILL_CANDIDATES = [(128, 128, 64, 8, 3, 0), (64, 64, 64, 4, 3, 0)]
+
+
+def quant_candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype,
+                     sm_count: int | None) -> list[QuantConfig]:
+    """What runtime/quant_tuning.py times for an (M, N, K, group) launch on a GPU with ``sm_count`` SMs: the
+    heuristic ``quant_config`` first (the choice when tuning is off), then the distinct alternatives of the launch
+    shape (decode: M <= DECODE_ROWS). fp32 (a test dtype) and no GPU (sm_count None): the heuristic alone. They
+    live here, beside the heuristic they extend and the group constraint on BLOCK_K, so kernels/gguf_linear.py
+    takes the same list (launch.py would have to import this module's rules to build them)."""
+    default = quant_config(m, n, k, group_size, dtype, sm_count)
+    if sm_count is None or dtype == torch.float32:
+        return [default]
+    out = [default]
+    for bm, bn, bk, warps, stages, per_sm in (_DECODE_CANDIDATES if m <= DECODE_ROWS else _PREFILL_CANDIDATES):
+        bk = _block_k(group_size, k, bk)
+        split = _split_k(n, k, bn, bk, sm_count, per_sm) if m <= DECODE_ROWS else 1
+        cfg = QuantConfig(bm, bn, bk, split, warps, stages)
+        if cfg not in out:
+            out.append(cfg)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
