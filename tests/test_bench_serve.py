@@ -10,7 +10,8 @@ import pytest
 
 from checkpoints import make_checkpoint
 from live_server import running_server
-from qwen2_triton.bench.serve import RequestResult, compute_metrics, main, summarize
+from qwen2_triton.bench.serve import main
+from qwen2_triton.bench.serve_metrics import RequestResult, compute_metrics, summarize
 from qwen2_triton.runtime.async_llm import AsyncLLM
 
 NAME = "tiny-bench"
