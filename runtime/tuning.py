@@ -3,6 +3,7 @@
 What is tuned: the tiles, warps and stages of prefill and split-KV decode attention, the two launches whose
 best setting depends on the GPU (shared memory, SM count, wgmma on sm_90) as much as on the shape. The row
 kernels (RMSNorm, SwiGLU, rotary, store_kv) stream memory with one sensible setting each (kernels/launch.py).
+The quantized linears' launch shapes go through the same ``tune`` and cache (runtime/quant_tuning.py).
 Candidates: kernels/launch.py ``prefill_candidates`` / ``decode_candidates`` for the device's compute
 capability, each compiled and checked for registers, spills and shared memory on sm_80/86/90 by
 kernels/compile_check.py, and each tested against the reference in tests/test_kernel_attention_configs.py.
@@ -22,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +56,11 @@ def tuning_key(gpu_name: str, capability: int, triton_version: str, kernel: str,
     return f"{gpu_name}|sm_{capability}|triton {triton_version}|{kernel}|{bucket}"
 
 
-def config_label(cfg: AttnConfig) -> str:
-    """64x64w4s2: BLOCK_M x BLOCK_N, warps, stages."""
+def config_label(cfg) -> str:
+    """An AttnConfig as 64x64w4s2 (BLOCK_M x BLOCK_N, warps, stages); a quantized linear's QuantConfig as
+    16x64x128/4w4s3 (BLOCK_M x BLOCK_N x BLOCK_K / SPLIT_K, warps, stages)."""
+    if hasattr(cfg, "BLOCK_K"):
+        return f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}/{cfg.SPLIT_K}w{cfg.num_warps}s{cfg.num_stages}"
     return f"{cfg.BLOCK_M}x{cfg.BLOCK_N}w{cfg.num_warps}s{cfg.num_stages}"
 
 
@@ -82,18 +87,19 @@ class TuningCache:
             self.problem = f"tuning cache {self.path} unreadable ({exc}); tuning again"
             print(f"qwen2-triton: {self.problem}", file=sys.stderr)
 
-    def get(self, key: str) -> AttnConfig | None:
+    def get(self, key: str, cls: type = AttnConfig):
+        """The cached ``cls`` (AttnConfig, or kernels/quant_linear.py QuantConfig) for ``key``, or None."""
         entry = self.entries.get(key)
         try:
-            cfg = AttnConfig(**entry["config"]) if entry else None
-        except (TypeError, KeyError):  # an entry from another version of AttnConfig
+            cfg = cls(**entry["config"]) if entry else None
+        except (TypeError, KeyError):  # an entry from another version of the config class
             return None
-        if cfg is not None and not all(type(v) is type(d) for v, d in
-                                       zip(dataclasses.astuple(cfg), dataclasses.astuple(AttnConfig(1, 1, 1, 1)))):
+        hints = typing.get_type_hints(cls)
+        if cfg is not None and not all(type(getattr(cfg, f.name)) is hints[f.name] for f in dataclasses.fields(cls)):
             return None  # 64.0 would equal 64 but reach a constexpr as a float: a foreign or hand-edited entry
         return cfg
 
-    def put(self, key: str, cfg: AttnConfig, timings: dict[str, float]) -> None:
+    def put(self, key: str, cfg, timings: dict[str, float]) -> None:
         self.entries[key] = {"config": dataclasses.asdict(cfg), "ms": timings[config_label(cfg)],
                              "timings": timings, "date": datetime.date.today().isoformat()}
         if self.path is None:
@@ -113,7 +119,7 @@ class TuningCache:
 
 @dataclass
 class TuneResult:
-    config: AttnConfig
+    config: AttnConfig  # or a quantized linear's QuantConfig (runtime/quant_tuning.py)
     source: str  # "tuned" | "cache" | "default"
     detail: str  # timings, the cache file, or why the default stands
 
@@ -130,12 +136,13 @@ def _launch_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(m, n) for m, n in names if hasattr(m, n))  # PTXASError is newer than some Tritons
 
 
-def tune(key: str, candidates: list[AttnConfig], time_ms: Callable[[AttnConfig], float],
-         cache: TuningCache) -> TuneResult:
-    """The fastest of ``candidates`` by ``time_ms`` (milliseconds per call), or the cached choice for ``key`` if
-    it is still a candidate. candidates[0] is the heuristic default: kept unless another is MIN_GAIN faster.
-    Candidates that cannot compile or launch here are skipped; if none can, RuntimeError says so."""
-    cached = cache.get(key)
+def tune(key: str, candidates: list, time_ms: Callable[[AttnConfig], float], cache: TuningCache,
+         what: str = "attention tile") -> TuneResult:
+    """The fastest of ``candidates`` (AttnConfigs or QuantConfigs, one class) by ``time_ms`` (milliseconds per
+    call), or the cached choice for ``key`` if it is still a candidate. candidates[0] is the heuristic default:
+    kept unless another is MIN_GAIN faster. Candidates that cannot compile or launch here are skipped; if none
+    can, RuntimeError says so (naming ``what`` was tuned)."""
+    cached = cache.get(key, type(candidates[0]))
     if cached is not None and cached in candidates:
         return TuneResult(candidates[candidates.index(cached)], "cache", f"cached in {cache.path}")
     timings, failed = {}, []
@@ -145,7 +152,7 @@ def tune(key: str, candidates: list[AttnConfig], time_ms: Callable[[AttnConfig],
         except _launch_errors() as exc:
             failed.append(f"{config_label(cfg)}: {type(exc).__name__}")
     if not timings:  # the default among them: launching it later would only fail further from the cause
-        raise RuntimeError(f"none of the {len(candidates)} attention tile candidates ({key.split('|')[3]}) can "
+        raise RuntimeError(f"none of the {len(candidates)} {what} candidates ({key.split('|')[3]}) can "
                            f"run on this GPU with this Triton: {'; '.join(failed)}. Please report it with the "
                            "output of 'qwen2-triton env'.")
     best = min((c for c in candidates if config_label(c) in timings), key=lambda c: timings[config_label(c)])
@@ -206,11 +213,16 @@ def shape_bucket(kernel: str, dtype, n_q_heads: int, n_kv_heads: int, head_dim: 
 
 def kernel_source_hash(kernel: str) -> str:
     """8 hex digits of the kernel's source files: an edited kernel is tuned again, not served an old choice."""
+    return source_hash("attention_tile", f"attention_{kernel}")
+
+
+def source_hash(*modules: str) -> str:
+    """8 hex digits of the sources of kernels/<module>.py for each of ``modules``."""
     import hashlib
     import importlib
 
     h = hashlib.sha256()
-    for mod in ("attention_tile", f"attention_{kernel}"):
+    for mod in modules:
         path = importlib.import_module(f"qwen2_triton.kernels.{mod}").__file__
         with open(path, "rb") as f:
             h.update(f.read())
