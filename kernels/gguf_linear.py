@@ -82,8 +82,9 @@ class GGUFWeight:
     def to(self, device) -> "GGUFWeight":
         return replace(self, **{f: getattr(self, f).to(device) for f in _TENSORS if getattr(self, f) is not None})
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return gguf_linear(x, self, bias)
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, config_of=None) -> torch.Tensor:
+        """``config_of(weight, rows) -> QuantConfig | None``: the start-up plan's launch config (None: heuristic)."""
+        return gguf_linear(x, self, bias, config=config_of(self, x.shape[0]) if config_of else None)
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,13 @@ class FusedGGUFWeight:
     def to(self, device) -> "FusedGGUFWeight":
         return FusedGGUFWeight(tuple(p.to(device) for p in self.parts))
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, config_of=None) -> torch.Tensor:
         out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
         off = 0
         for p in self.parts:
             n = p.out_features
-            gguf_linear(x, p, None if bias is None else bias[off: off + n], out=out[:, off: off + n])
+            gguf_linear(x, p, None if bias is None else bias[off: off + n], out=out[:, off: off + n],
+                        config=config_of(p, x.shape[0]) if config_of else None)
             off += n
         return out
 

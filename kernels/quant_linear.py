@@ -20,6 +20,8 @@ One kernel, two launch shapes (``quant_config``):
 - prefill: 32/64-row tiles, no split; the dequantized tile goes straight into the tensor-core dot.
 The math is done in fp32 ((q - z) * s), rounded once to the activation dtype for the dot: bit-identical to the
 weights the torch path dequantizes at load (model/quantization.py), so the two paths differ only in summation.
+On a GPU the start-up plan (runtime/quant_tuning.py) may replace the heuristic by one of ``quant_candidates``,
+timed per weight shape and launch shape; the launcher takes it as ``config`` (None: ``quant_config``).
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.perm)
                    if t is not None)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return quant_linear(x, self, bias)
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, config_of=None) -> torch.Tensor:
+        """``config_of(weight, rows) -> QuantConfig | None``: the start-up plan's launch config (None: heuristic)."""
+        return quant_linear(x, self, bias, config=config_of(self, x.shape[0]) if config_of else None)
 
 
 @dataclass(frozen=True)
@@ -77,12 +80,13 @@ class FusedQuantWeight:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, config_of=None) -> torch.Tensor:
         out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
         off = 0
         for p in self.parts:
             n = p.out_features
-            quant_linear(x, p, None if bias is None else bias[off: off + n], out=out[:, off: off + n])
+            quant_linear(x, p, None if bias is None else bias[off: off + n], out=out[:, off: off + n],
+                         config=config_of(p, x.shape[0]) if config_of else None)
             off += n
         return out
 

@@ -103,9 +103,15 @@ class EngineCore:
         self.max_model_len = self.rope.max_model_len(min(c.max_model_len or cfg.max_model_len, cfg.max_model_len))
         # Kernel choices and tuning come before the KV pool is sized and before graphs are captured.
         shape = AttentionShape.of(self.model.local_cfg, c.block_size)  # this rank's heads under tensor parallelism
+        quant = None
+        if self.ops.name == "triton":  # quantized projections' shapes, timed on the model's own weights
+            from qwen2_triton.runtime.quant_tuning import quant_shapes
+
+            quant = quant_shapes(self.model.params)
         self.plan = plan_kernels(info, self.dtype, self.ops.name, shape,
                                  tune_now=c.tune, reasons=reasons, device=self.device,
-                                 cache=TuningCache(c.tuning_cache) if c.tuning_cache is not None else None)
+                                 cache=TuningCache(c.tuning_cache) if c.tuning_cache is not None else None,
+                                 quant=quant)
         if hasattr(self.ops, "use_plan"):
             self.ops.use_plan(self.plan)
         if self.tp:

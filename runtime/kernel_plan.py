@@ -18,12 +18,15 @@ The rules, one function each:
 - decode split-KV count: the most splits per sequence (the grid) from the SM count at every launch
   (kernels/launch.py ``num_kv_splits``); each sequence's own count from its length, on the device, so a
   captured decode graph splits a short context less than a long one.
+- quantized linears (GPTQ / AWQ / GGUF projections kept packed): per distinct weight shape, a decode (M=1) and a
+  prefill (M=256) launch config from kernels/quant_linear.py ``quant_candidates``, timed and cached the same way
+  by runtime/quant_tuning.py, or its heuristic ``quant_config``.
 - row kernels (RMSNorm, SwiGLU, rotary, store_kv): one setting per shape (kernels/launch.py), not tuned.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -148,6 +151,9 @@ class KernelPlan:
     prefill: TuneResult | None = None  # attention tiles; None with the torch backend
     decode: TuneResult | None = None
     candidates: dict[str, list[AttnConfig]] | None = None  # per kernel, what could be (or was) timed
+    # quantized linears (runtime/quant_tuning.py), keyed by (QuantShape, "decode" | "prefill")
+    quant: dict[tuple, TuneResult] = field(default_factory=dict)
+    quant_candidates: dict[tuple, list] = field(default_factory=dict)
 
     def describe(self) -> list[str]:
         lines = [self.device.describe(), *self.reasons]
@@ -156,18 +162,38 @@ class KernelPlan:
             if r is not None:
                 lines.append(f"{name} attention tiles {config_label(r.config)} "
                              f"(BLOCK_M x BLOCK_N, warps, stages): {r.source}, {r.detail}")
+        if self.quant:
+            from qwen2_triton.runtime.quant_tuning import describe
+
+            lines.append("quantized linear launches (BLOCK_M x BLOCK_N x BLOCK_K / SPLIT_K, warps, stages):")
+            lines += [f"  {line}" for line in describe(self.quant, self.quant_candidates)]
         return lines
+
+    def quant_configs(self) -> dict[tuple, object]:
+        """(QuantShape, launch shape) -> the chosen QuantConfig, where it is not the heuristic's: what the launches
+        receive (runtime/triton_backend.py); the heuristic ones are left to the launchers, as without a plan."""
+        return {key: r.config for key, r in self.quant.items() if r.config != self.quant_candidates[key][0]}
 
 
 def plan_kernels(info: DeviceInfo, dtype: torch.dtype, kernels: str, shape: AttentionShape, *, tune_now: bool,
                  reasons: list[str] = (), cache: TuningCache | None = None, timers: dict | None = None,
-                 device: torch.device | None = None) -> KernelPlan:
+                 device: torch.device | None = None, quant: dict | None = None,
+                 quant_timers: dict | None = None) -> KernelPlan:
     """The plan for one model. With ``tune_now`` on a GPU the attention candidates are timed (``timers``: per
     kernel, config -> ms; default runtime/tuning.py ``attention_timers`` on random data of ``shape``), unless the
-    cache at ``cache`` (default ~/.cache/qwen2_triton/tuning.json) already holds this GPU's choice."""
+    cache at ``cache`` (default ~/.cache/qwen2_triton/tuning.json) already holds this GPU's choice. ``quant``:
+    the model's quantized shapes (runtime/quant_tuning.py ``quant_shapes``), planned the same way
+    (``quant_timers``: per (shape, launch shape), config -> ms)."""
     plan = KernelPlan(info, dtype, kernels, list(reasons))
     if kernels != "triton":
         return plan
+    if quant:
+        from qwen2_triton.runtime.quant_tuning import plan_quant
+
+        if tune_now and info.type == "cuda" and cache is None:
+            cache = TuningCache()
+        plan.quant, plan.quant_candidates = plan_quant(info, dtype, quant, tune_now=tune_now, cache=cache,
+                                                       timers=quant_timers, device=device)
     group = shape.n_q_heads // shape.n_kv_heads
     plan.candidates = candidates = {"prefill": launch.prefill_candidates(shape.head_dim, dtype, info.capability),
                   "decode": launch.decode_candidates(shape.head_dim, dtype, group, info.capability)}

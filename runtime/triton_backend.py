@@ -36,6 +36,8 @@ class TritonOps:
         self.device = torch.device(device)
         self.sm_count = sm_count_of(self.device)  # None on CPU: kernels/launch.py then picks a small split count
         self.prefill_cfg = self.decode_cfg = None  # attention tiles: kernels/launch.py heuristics until use_plan
+        self.quant_cfgs: dict = {}  # (QuantShape, launch shape) -> QuantConfig, where the plan is not the heuristic
+        self._quant_seen: dict = {}  # id(weight part), launch shape -> (the part, its config): no shape work per call
 
     def use_plan(self, plan) -> None:
         """Take the attention tiles of a runtime/kernel_plan.py KernelPlan (tuned or heuristic). Called once at
@@ -43,16 +45,27 @@ class TritonOps:
         The ops object belongs to the model: two LLMs built on one in-memory LoadedModel share the last plan."""
         self.prefill_cfg = plan.prefill.config if plan.prefill else None
         self.decode_cfg = plan.decode.config if plan.decode else None
+        self.quant_cfgs = plan.quant_configs() if hasattr(plan, "quant_configs") else {}
+        self._quant_seen = {}
 
-    quantized_linear = True  # GPTQ / AWQ projections stay packed at load (model/quantization.py)
+    quantized_linear = True  # GPTQ / AWQ / GGUF projections stay packed at load (model/quantization.py)
 
-    @staticmethod
-    def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """cuBLAS for a dense weight; a quantized one (kernels/quant_linear.py QuantWeight) runs its own
-        weight-only kernel."""
+    def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """cuBLAS for a dense weight; a quantized one (kernels/quant_linear.py, kernels/gguf_linear.py) runs its
+        own weight-only kernel with the plan's launch config for its shape (``_quant_config``)."""
         if isinstance(weight, torch.Tensor):
             return F.linear(x, weight, bias)
-        return weight.linear(x, bias)
+        return weight.linear(x, bias, self._quant_config if self.quant_cfgs else None)
+
+    def _quant_config(self, part, rows: int):
+        """The plan's QuantConfig for one weight (part) at ``rows`` rows, None for the launcher's heuristic."""
+        from qwen2_triton.runtime.quant_tuning import launch_of, shape_of
+
+        launch = launch_of(rows)
+        seen = self._quant_seen.get((id(part), launch))
+        if seen is None or seen[0] is not part:
+            seen = self._quant_seen[id(part), launch] = (part, self.quant_cfgs.get((shape_of(part), launch)))
+        return seen[1]
 
     @staticmethod
     def step_context():
