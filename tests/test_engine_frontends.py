@@ -61,6 +61,23 @@ def test_a_stream_left_early_frees_its_request(llm, how):
     assert llm.generate("x", SamplingParams(max_tokens=2))[0].finish_reason  # still usable
 
 
+def test_streamed_deltas_share_one_prompt_list(ckpt, llm):
+    """AsyncLLM's deltas carry the prompt ids without copying them each step (a copy per token per request was
+    O(prompt)); the ids are the prompt's."""
+    engine = AsyncLLM(ckpt, **ENGINE)
+    try:
+        async def main():
+            return [d async for d in await engine.generate("Once upon a time",
+                                                           SamplingParams(max_tokens=5, ignore_eos=True))]
+        deltas = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert len(deltas) >= 3
+    assert all(d.prompt_token_ids is deltas[0].prompt_token_ids for d in deltas)
+    whole = llm.generate("Once upon a time", SamplingParams(max_tokens=1))[0]
+    assert deltas[0].prompt_token_ids == whole.prompt_token_ids
+
+
 def test_n_completions_are_seeded_per_completion(llm):
     sp = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3, ignore_eos=True)
     (out,) = llm.generate("The sky is", sp)
