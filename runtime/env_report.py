@@ -3,7 +3,8 @@
     qwen2-triton env                     # this machine's device, the seed models' shapes
     qwen2-triton env --arch sm_86        # what an sm_86 GPU (A10-like) would get, without one
     qwen2-triton env --model DIR|GGUF    # one checkpoint's shape
-    qwen2-triton env --tune              # on a GPU: time the attention candidates now and cache the choice
+    qwen2-triton env --tune              # on a GPU: time the attention (and --model's quantized linear)
+                                         # candidates now and cache the choices
     qwen2-triton env --tensor-parallel-size 4   # what each of 4 GPUs would hold (default: the GPUs visible)
 """
 from __future__ import annotations
@@ -60,6 +61,33 @@ def describe_shapes(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningC
     return lines
 
 
+def describe_quant(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningCache, tune_now: bool,
+                   device: torch.device | None = None) -> list[str]:
+    """Per quantized weight shape of the checkpoint (runtime/quant_tuning.py): the decode and prefill launch
+    configs with their source, as the attention tiles above."""
+    from qwen2_triton.kernels.quant_linear import QuantConfig
+    from qwen2_triton.runtime.quant_tuning import plan_quant, quant_key
+
+    results, cands = plan_quant(info, dtype, dict.fromkeys(shapes), tune_now=tune_now, cache=cache, device=device)
+    lines, by_shape = [], {}
+    for (shape, launch), r in results.items():
+        cached = cache.get(quant_key(info, dtype, shape, launch), QuantConfig) \
+            if info.type == "cuda" and not tune_now else None
+        cached = cached if cached in cands[shape, launch] else None
+        cfg = cached or r.config
+        source = (f"cached for this GPU in {cache.path}" if cached else "tuned now" if r.source == "tuned" else
+                  "from the cache" if r.source == "cache" else
+                  "one config for float32" if dtype == torch.float32 else "heuristic until tuned for this GPU")
+        if cfg == cands[shape, launch][0] and "heuristic" not in source:
+            source += ": the heuristic's"
+        by_shape.setdefault(shape, []).append(f"{launch} {config_label(cfg)} [{source}; "
+                                              f"{len(cands[shape, launch])} candidates]")
+    lines.append("  quantized linears (BLOCK_M x BLOCK_N x BLOCK_K / SPLIT_K, warps, stages; decode M=1, prefill "
+                 "M=256):")
+    lines += [f"  {shape.kernel} {shape.describe()}: " + " | ".join(parts) for shape, parts in by_shape.items()]
+    return lines
+
+
 # vocabulary rows of the seed shapes (the report's other columns do not need them; the parallel layout does)
 SEED_VOCAB = {"Qwen2-7B": 152064}
 
@@ -112,7 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default=None, help="report for an assumed GPU of this capability, e.g. sm_86")
     ap.add_argument("--dtype", default="auto", help="auto (default) | bfloat16 | float16 | float32")
     ap.add_argument("--model", default=None, help="checkpoint directory or GGUF file whose shape to report")
-    ap.add_argument("--tune", action="store_true", help="on a GPU, tune the attention tiles now (cached on disk)")
+    ap.add_argument("--tune", action="store_true",
+                    help="on a GPU, tune the attention tiles and --model's quantized linears now (cached on disk)")
     ap.add_argument("--tuning-cache", default=None, help="tuning cache file (default ~/.cache/qwen2_triton)")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
                     help="report the layout over N GPUs (default: the GPUs visible, at least 2)")
@@ -153,5 +182,11 @@ def main(argv=None) -> int:
         return 0
     cache = TuningCache(a.tuning_cache)
     lines += describe_shapes(info, dtype, shapes, cache, a.tune, device)
+    if a.model:
+        from qwen2_triton.runtime.quant_tuning import checkpoint_shapes
+
+        quant = checkpoint_shapes(a.model)
+        if quant:
+            lines += describe_quant(info, dtype, quant, cache, a.tune, device)
     print("\n".join(lines))
     return 0

@@ -224,3 +224,32 @@ def test_llm_plans_its_quantized_shapes(gptq_dir, tmp_path, name, device):
     assert shapes == set(quant_shapes(llm.model.params)) == set(checkpoint_shapes(path)) and len(shapes) == 4
     assert all(r.source == "default" for r in llm.plan.quant.values()) and llm.ops.quant_cfgs == {}
     assert "quantized linear launches" in "\n".join(llm.plan.describe())
+
+
+def test_env_names_the_quantized_launch_configs(gptq_dir, demo_gguf, capsys):
+    from qwen2_triton.runtime.env_report import main
+
+    assert main(["--model", gptq_dir("gptq-int4-g128-sym"), "--arch", "sm_90"]) == 0
+    out = capsys.readouterr().out
+    qkv = quant_config(1, 1152, 896, 128, torch.bfloat16, 132)  # the fixture's qkv: hidden 896, 14 + 2 x 2 heads of 64
+    assert f"quant_linear int4 g128 N=1152 K=896: decode {config_label(qkv)} [heuristic until tuned for this GPU; " \
+           in out, out
+    assert main(["--model", demo_gguf, "--arch", "sm_80"]) == 0
+    out = capsys.readouterr().out
+    assert "gguf_linear Q4_K g32 N=896 K=4864: decode " in out and "gguf_linear Q8_0 g32 N=128 K=896" in out, out
+
+
+def test_env_reports_a_cached_choice(gptq_dir, tmp_path, capsys):
+    """What an H100 start tuned (here: fake timers) is what env --arch sm_90 reports from the same cache file."""
+    from qwen2_triton.runtime.env_report import main
+
+    qkv = QuantShape("int4", 4, 128, 1152, 896)
+    cache = TuningCache(tmp_path / "t.json")
+    results, cands = plan_quant(H100, torch.bfloat16, {qkv: None}, tune_now=True, cache=cache,
+                                timers=_fake_timers([qkv], {(qkv, "decode"): (1, 0.5)}))
+    assert results[qkv, "decode"].config == cands[qkv, "decode"][1]
+    assert main(["--model", gptq_dir("gptq-int4-g128-sym"), "--arch", "sm_90", "--tuning-cache",
+                 str(tmp_path / "t.json")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "N=1152 K=896" in x)
+    assert f"decode {config_label(cands[qkv, 'decode'][1])} [cached for this GPU in {tmp_path / 't.json'}" in line
+    assert f"prefill {config_label(cands[qkv, 'prefill'][0])} [cached for this GPU" in line and "heuristic's" in line
