@@ -45,7 +45,7 @@ class TritonOps:
         The ops object belongs to the model: two LLMs built on one in-memory LoadedModel share the last plan."""
         self.prefill_cfg = plan.prefill.config if plan.prefill else None
         self.decode_cfg = plan.decode.config if plan.decode else None
-        self.quant_cfgs = plan.quant_configs() if hasattr(plan, "quant_configs") else {}
+        self.quant_cfgs = plan.quant_configs()
         self._quant_seen = {}
 
     quantized_linear = True  # GPTQ / AWQ / GGUF projections stay packed at load (model/quantization.py)

@@ -194,6 +194,22 @@ def test_the_chosen_config_is_what_the_kernel_is_launched_with(tmp_path, monkeyp
     assert rec_q.take() == [quant_config(1, INT4.n, INT4.k, INT4.group, torch.bfloat16, bare.sm_count)]
 
 
+@pytest.mark.parametrize("shape", [INT4, Q4K], ids=lambda s: s.format)
+def test_the_timer_launches_the_config_it_times(shape, monkeypatch, device):
+    """runtime/quant_tuning.py ``quant_timer`` (do_bench replaced by one call) on a random weight of the layout,
+    at the launch shape's rows: each candidate is launched as given."""
+    from qwen2_triton.runtime.quant_tuning import quant_timer
+
+    rec = _Recorder()
+    monkeypatch.setattr(gguf_mod if shape.kernel == "gguf_linear" else quant_mod, f"{shape.kernel}_kernel", rec)
+    for launch in LAUNCH_ROWS:
+        time_ms = quant_timer(shape, launch, torch.bfloat16, torch.device(device), H100.sm_count,
+                              bench=lambda fn: (fn(), 0.25)[-1])
+        cands = candidates(shape, launch, torch.bfloat16, H100.sm_count)
+        assert [time_ms(c) for c in cands] == [0.25] * len(cands)
+        assert rec.take() == cands
+
+
 # ------------------------------------------------------------------------------------------- the engine, env
 @pytest.fixture
 def gptq_dir(tmp_path, qwen_tokenizer_dir):
