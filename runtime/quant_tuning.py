@@ -172,8 +172,10 @@ def describe(results: dict, cands: dict) -> list[str]:
     """One line per quantized shape: each launch shape's config and where it came from."""
     by_shape: dict = {}
     for (shape, launch), r in results.items():
-        by_shape.setdefault(shape, []).append(
-            f"{launch} {config_label(r.config)} [{r.source}; {len(cands[shape, launch])} candidates]")
+        n = len(cands[shape, launch])
+        how = {"default": f"heuristic: {r.detail.split(';')[0]}", "cache": "cached", "tuned": f"tuned: {r.detail}"}
+        by_shape.setdefault(shape, []).append(f"{launch} {config_label(r.config)} [{how[r.source]}; {n} "
+                                              f"candidate{'s' if n > 1 else ''}]")
     return [f"{shape.kernel} {shape.describe()}: " + " | ".join(parts) for shape, parts in by_shape.items()]
 
 
