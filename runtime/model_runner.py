@@ -77,6 +77,7 @@ class StepInputs:
     max_q: int = 0
     max_k: int = 0
     width: int = 0  # longest block table
+    decode_seqs: int = 0  # sequences with one query token (AttentionMetadata.decode_seqs)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class ModelRunner:
                 s.slots.append(blocks.slot(seq, p))
                 s.cu.append(base + 1)
                 s.lens.append(p + 1)
+                s.decode_seqs += 1
                 decodes = True
                 if p + 1 == n_prompt + len(seq.output_ids):  # c.samples
                     s.sample_rows.append(len(s.row_of))
@@ -150,6 +152,7 @@ class ModelRunner:
             s.cu.append(len(s.ids))
             s.lens.append(c.start + c.length)
             s.max_q = max(s.max_q, c.length)
+            s.decode_seqs += c.length == 1  # a 1-token chunk with prompt log-probs: the decode kernel's too
             if seq.params.prompt_logprobs is not None:
                 # logits at position p score token p+1; only prompt positions not yet scored (a preempted
                 # sequence recomputes its prompt but must not report it twice)
@@ -185,7 +188,7 @@ class ModelRunner:
             seq_lens=torch.tensor(s.lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             slot_mapping=torch.tensor(s.slots, dtype=torch.int64, device=dev),
-            max_seqlen_q=s.max_q, max_seqlen_k=s.max_k, decode_seqs=sum(c.length == 1 for c in chunks),
+            max_seqlen_q=s.max_q, max_seqlen_k=s.max_k, decode_seqs=s.decode_seqs,
         )
         # Always run the model, even when no row needs logits (a prefill chunk that does not reach the end of
         # its prompt): its keys and values must land in the cache.

@@ -92,11 +92,11 @@ def test_configs_reach_the_launches(monkeypatch, device):
     monkeypatch.setattr(attention_prefill, "prefill_kernel", pre_spy)
     monkeypatch.setattr(attention_decode, "decode_split_kernel", dec_spy)
     pre_cfg, dec_cfg = launch.AttnConfig(128, 32, 4, 2), launch.AttnConfig(16, 128, 8, 3)
-    q, kc, vc, meta = make_paged_batch([20], [20], 2, 1, 64, torch.bfloat16, device=device)
+    q, kc, vc, meta = make_paged_batch([20, 1], [20, 20], 2, 1, 64, torch.bfloat16, device=device)
     attention(q, kc, vc, meta, 0.125, prefill_cfg=pre_cfg)
     q, kc, vc, meta = make_paged_batch([1], [20], 2, 1, 64, torch.bfloat16, device=device)
     attention(q, kc, vc, meta, 0.125, decode_cfg=dec_cfg)
-    # the prefill step launches the decode kernel too (for its q_len == 1 rows, none here), with the same tiles
+    # the mixed step launches the decode kernel too (for its q_len == 1 row), with its default tiles
     (p,), (d_in_prefill, d) = pre_spy.calls, dec_spy.calls
     assert d_in_prefill["BLOCK_N"] == launch.decode_config(64, torch.bfloat16, 2).BLOCK_N
     assert (p["BLOCK_M"], p["BLOCK_N"], p["num_warps"], p["num_stages"]) == (128, 32, 4, 2)

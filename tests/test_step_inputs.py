@@ -18,6 +18,7 @@ def general_prepare(runner, chunks, blocks) -> StepInputs:
         s.cu.append(len(s.ids))
         s.lens.append(c.start + c.length)
         s.max_q, s.max_k = max(s.max_q, c.length), max(s.max_k, c.start + c.length)
+        s.decode_seqs += c.length == 1
         if seq.params.prompt_logprobs is not None:
             for p in range(max(c.start, seq.num_prompt_scored - 1), min(c.start + c.length, len(seq.prompt_ids) - 1)):
                 s.logit_rows.append(base + p - c.start)
