@@ -89,13 +89,13 @@ def test_fused_parts_with_different_g_idx(device):
 def test_a_wrong_zero_or_permutation_is_caught(device):
     """The comparison above can fail: one zero off by one, or a permutation ignored, moves outputs past TOL."""
     w, dense = make_weight(128, 32, 32, 4, act_order=True, seed=3)
-    x = torch.randn(2, 128)
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))  # seeded: the error's size follows x
     ref = x @ dense.t()
     zeros = w.zeros.clone()
     zeros[1, 5] += 1
     for bad in (_replace(w, zeros=zeros), _replace(w, perm=None)):
         got = quant_linear(x.to(device), _to(bad, device), None).cpu()
-        assert (got - ref).abs().max() > 100 * TOL[torch.float32]["atol"]
+        assert not torch.allclose(got, ref, **TOL[torch.float32])
 
 
 def test_pack_rows_roundtrip_and_gptq_layout():
@@ -136,7 +136,7 @@ def test_random_quant_weight_is_the_packed_layout_of_its_codes(bits, sym):
     assert torch.equal(again.qweight, w.qweight) and again.zero == w.zero and torch.equal(dequantize(again),
                                                                                            dequantize(w))
     assert len(unpack_rows(w.qweight, bits).unique()) == 2 ** bits  # every code occurs
-    out = quant_linear_ref(torch.randn(64, 256), w)
+    out = quant_linear_ref(torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), w)
     assert 0.5 < out.std() < 2
 
 
