@@ -32,7 +32,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from qwen2_triton.kernels._checks import check, check_tensor
-from qwen2_triton.kernels.quant_linear import QuantConfig, pack_rows, quant_candidates, quant_config, unpack_rows
+from qwen2_triton.kernels.quant_linear import FusedParts, QuantConfig, pack_rows, quant_candidates, quant_config, \
+    unpack_rows
 
 
 @dataclass(frozen=True)
@@ -88,35 +89,16 @@ class GGUFWeight:
 
 
 @dataclass(frozen=True)
-class FusedGGUFWeight:
-    """Column blocks of one fused projection whose GGUF types differ (Q4_K_M files mix them: e.g. q, k Q5_0 and
-    v Q8_0): each part its own launch into its slice of one output. Consecutive parts of one type are one part."""
+class FusedGGUFWeight(FusedParts):
+    """Parts of one fused projection whose GGUF types differ (Q4_K_M files mix them: e.g. q, k Q5_0 and v Q8_0).
+    Consecutive parts of one type are one part."""
     parts: tuple[GGUFWeight, ...]
-
-    @property
-    def in_features(self) -> int:
-        return self.parts[0].in_features
-
-    @property
-    def out_features(self) -> int:
-        return sum(p.out_features for p in self.parts)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
 
     def to(self, device) -> "FusedGGUFWeight":
         return FusedGGUFWeight(tuple(p.to(device) for p in self.parts))
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, config_of=None) -> torch.Tensor:
-        out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
-        off = 0
-        for p in self.parts:
-            n = p.out_features
-            gguf_linear(x, p, None if bias is None else bias[off: off + n], out=out[:, off: off + n],
-                        config=config_of(p, x.shape[0]) if config_of else None)
-            off += n
-        return out
+    def _launch(self, x, part, bias, out, config):
+        return gguf_linear(x, part, bias, out=out, config=config)
 
 
 # ------------------------------------------------------------------------------------------------ packing

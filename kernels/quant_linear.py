@@ -61,12 +61,11 @@ class QuantWeight:
 
 
 @dataclass(frozen=True)
-class FusedQuantWeight:
-    """Column blocks of one fused projection (qkv, gate_up) whose act-order g_idx differ, so no single input
-    permutation serves them all: each runs its own launch into its slice of one output. Real GPTQ checkpoints give
-    the parts of a fused projection one g_idx (they share the input, hence the Hessian order), and load as one
-    QuantWeight."""
-    parts: tuple[QuantWeight, ...]
+class FusedParts:
+    """Column blocks of one fused projection (qkv, gate_up) that cannot share one launch: each part runs its own
+    launch (``_launch``, the subclass's kernel) into its slice of one output. Shared by the GPTQ/AWQ and GGUF
+    weights (kernels/gguf_linear.py)."""
+    parts: tuple
 
     @property
     def in_features(self) -> int:
@@ -80,15 +79,30 @@ class FusedQuantWeight:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    def _launch(self, x, part, bias, out, config):
+        raise NotImplementedError
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, config_of=None) -> torch.Tensor:
+        """``config_of(part, rows) -> QuantConfig | None``: the start-up plan's launch config (None: heuristic)."""
         out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
         off = 0
         for p in self.parts:
             n = p.out_features
-            quant_linear(x, p, None if bias is None else bias[off: off + n], out=out[:, off: off + n],
-                         config=config_of(p, x.shape[0]) if config_of else None)
+            self._launch(x, p, None if bias is None else bias[off: off + n], out[:, off: off + n],
+                         config_of(p, x.shape[0]) if config_of else None)
             off += n
         return out
+
+
+@dataclass(frozen=True)
+class FusedQuantWeight(FusedParts):
+    """GPTQ parts whose act-order g_idx differ, so no single input permutation serves them all. Real GPTQ
+    checkpoints give the parts of a fused projection one g_idx (they share the input, hence the Hessian order),
+    and load as one QuantWeight."""
+    parts: tuple[QuantWeight, ...]
+
+    def _launch(self, x, part, bias, out, config):
+        return quant_linear(x, part, bias, out=out, config=config)
 
 
 # ------------------------------------------------------------------------------------------------ packing
