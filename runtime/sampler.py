@@ -129,7 +129,7 @@ def _apply_penalties_sparse(logits: torch.Tensor, t: SamplingTensors, inplace: b
     x = logits.gather(1, ids)  # (B, L)
     if t.plan is None or t.plan.repetition:  # every listed token is in prompt + output
         p = t.const("rep", lambda: t.repetition_penalty[:, None])
-        x = torch.where(x > 0, x / p, x * p)
+        x = torch.where(x > _zero(t, x.device), x / p, x * p)
     if t.history_counts is not None:
         c = t.history_counts
         x = x - t.frequency_penalty[:, None] * c - t.presence_penalty[:, None] * (c > 0).float()
@@ -188,9 +188,27 @@ def _inf_where(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return x.masked_fill_(drop, float("-inf"))
 
 
+def _zero(t: SamplingTensors, device) -> torch.Tensor:
+    """A 0-dim float32 zero: comparing with it costs half what a Python scalar does (wrapped per op, ~1 us)."""
+    return t.const("zero", lambda: torch.zeros((), device=device))
+
+
 def _safe_temperature(t: SamplingTensors) -> torch.Tensor:
     """(B, 1): the temperature, 1 for greedy rows."""
     return t.const("temp", lambda: torch.where(t.temperature > 0, t.temperature, 1.0)[:, None])
+
+
+TAIL_MASS_MAX_WIDTH = 1024
+
+
+def _tail_mass(t: SamplingTensors, width: int) -> torch.Tensor:
+    """(B, width): 1 - top_p in every column but the last, -1 there (the top token always stays), so top-p's
+    comparison runs on whole rows, no slices."""
+    def make():
+        m = (1 - t.top_p)[:, None].repeat(1, width)
+        m[:, -1] = -1.0
+        return m
+    return t.const(("1-top_p", width), make)
 
 
 def _top_p_min_p(asc: torch.Tensor, t: SamplingTensors, top_p: bool, min_p: bool) -> torch.Tensor:
@@ -199,7 +217,10 @@ def _top_p_min_p(asc: torch.Tensor, t: SamplingTensors, top_p: bool, min_p: bool
     the top probability: the arithmetic of transformers' TopPLogitsWarper and MinPLogitsWarper."""
     if top_p:
         cum = asc.softmax(-1).cumsum_(-1)
-        _inf_where(asc[:, :-1], cum[:, :-1] <= t.const("1-top_p", lambda: (1 - t.top_p)[:, None]))  # top stays
+        if asc.shape[1] <= TAIL_MASS_MAX_WIDTH:  # a window: compare whole rows with a cached (B, width) constant
+            _inf_where(asc, cum <= _tail_mass(t, asc.shape[1]))
+        else:  # sorted full rows: no (B, V) constant
+            _inf_where(asc[:, :-1], cum[:, :-1] <= t.const("1-top_p", lambda: (1 - t.top_p)[:, None]))
     if min_p:
         probs = asc.softmax(-1)
         _inf_where(asc, probs < t.const("min_p", lambda: t.min_p[:, None]) * probs[:, -1:])
@@ -238,12 +259,18 @@ def _window(logits: torch.Tensor, t: SamplingTensors, width: int, top_p: bool, m
     vals, ids = largest(logits, width, mostly_equal=masked)  # descending
     asc = vals.flip(-1).div_(_safe_temperature(t))
     if 0 < k <= width:
-        kth = asc[:, width - k: width - k + 1]  # a view: read before any write below
+        kth = asc.narrow(1, width - k, 1)  # a view: read before any write below
     else:
         kth = asc.gather(-1, t.const("kth", lambda: (width - t.top_k.clamp(1, width))[:, None]))
-    # a tie past the window: the window's last value equals the k-th; not when both are -inf (fewer tokens left
-    # than k by a grammar mask: ties only with tokens of probability 0), where the difference is NaN
-    edge = (asc[:, :1] - kth) == 0 if width < logits.shape[-1] else None
+    # a tie past the window: the window's last value equals the k-th. Under a grammar mask not when both are -inf
+    # (fewer tokens left than k: ties only with tokens of probability 0), where the difference is NaN; without
+    # one no value is -inf, and one comparison does
+    if width >= logits.shape[-1]:
+        edge = None
+    elif masked:
+        edge = (asc.narrow(1, 0, 1) - kth) == _zero(t, asc.device)
+    else:
+        edge = asc.narrow(1, 0, 1) == kth
     drop = asc < kth  # computed before the masked fill: kth may be a view of asc
     _inf_where(asc, drop)
     return _top_p_min_p(asc, t, top_p, min_p), ids.flip(-1), edge

@@ -54,33 +54,40 @@ def noise_from_keys(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor
 def race(probs: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """(B, 1) column of ``argmax(probs / E)`` for E the Exp(1) draws of these rows' keys at ``token_ids``; probs is
     overwritten. The same arithmetic as ``bits_to_exponential`` in fewer ops (a decode step of a small batch is
-    bound by op count): u = k * 2^-24 + 2^-25 in one op is (k + 0.5) * 2^-24 (both round the same exact value
-    once), and argmin(p / log u) is argmax(p / E) for E = -log u, since p / (-E) is exactly -(p / E) and both
-    take the first of equal values."""
-    half_ulp = _HALF_ULP.get(probs.device)
-    if half_ulp is None:
-        half_ulp = _HALF_ULP[probs.device] = torch.tensor(2.0 ** -25, device=probs.device)  # 0.5 / 2^24
-    u = torch.add(half_ulp, hash_bits24(keys, token_ids), alpha=2.0 ** -24)
-    return argmin(probs.div_(u.clamp_(max=_U_MAX).log_()), keepdim=True)
+    bound by op count): argmin(p / log u) is argmax(p / E) for E = -log u, since p / (-E) is exactly -(p / E) and
+    both take the first of equal values."""
+    return argmin(probs.div_(uniform24(keys, token_ids).log_()), keepdim=True)
 
 
-def hash_bits24(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """float32 (B, N): the top 24 bits of each (key, token id) hash, as ``noise_from_keys`` mixes them (exact
-    integers, so the same values on any path). On the CPU in numpy: its in-place integer ufuncs cost about a third
-    of torch's per op on the small arrays of a decode step (the 46-token window of one row: 9 us against 20; 256
-    rows: 33 against 47), and this hash is 11 of a sampled step's ops."""
+def uniform24(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """float32 (B, N): the uniform ``bits_to_exponential`` takes the log of, (k + 0.5) * 2^-24 clamped below 1, for
+    k the top 24 bits of each (key, token id) hash as ``noise_from_keys`` mixes them. k * 2^-24 + 2^-25 rounds the
+    same exact value once, so every path gives the same floats. On the CPU in numpy: its in-place ufuncs on the
+    small arrays of a decode step cost about a third of torch's per op (the 46-token window of one row: 9 us
+    against 20; 256 rows: 33 against 47), and in uint32 the multiplications wrap without masking."""
     if keys.device.type != "cpu":
         x = _mix32_(torch.add(keys[:, None], token_ids, alpha=0x85EBCA6B).bitwise_and_(MASK32))
-        return (x >> 8).float()
-    x = keys.numpy()[:, None] + token_ids.numpy() * np.int64(0x85EBCA6B)  # < 2^32 + 2^49: no int64 overflow
-    x &= MASK32
+        return torch.add(_half_ulp(keys.device), x >> 8, alpha=2.0 ** -24).clamp_(max=_U_MAX)
+    x = token_ids.numpy().astype(np.uint32)
+    x *= np.uint32(0x85EBCA6B)
+    x = x + keys.numpy().astype(np.uint32)[:, None]  # (B, N) also when the ids are one row (N,) shared by all
     for _ in range(2):  # _mix32's two xor-shift-multiply rounds, then its last xor-shift
         x ^= x >> 16
-        x *= 0x45D9F3B
-        x &= MASK32
+        x *= np.uint32(0x45D9F3B)
     x ^= x >> 16
     x >>= 8
-    return torch.from_numpy(x.astype(np.float32))  # < 2^24: exact in float32
+    u = x.astype(np.float32)  # < 2^24: exact
+    u *= np.float32(2.0 ** -24)  # exact: a power of two
+    u += np.float32(2.0 ** -25)  # the one rounding
+    return torch.from_numpy(np.minimum(u, np.float32(_U_MAX), out=u))
+
+
+def _half_ulp(device) -> torch.Tensor:
+    """A 0-dim float32 2^-25 on ``device`` (a tensor operand: a Python scalar costs a wrap per op)."""
+    t = _HALF_ULP.get(device)
+    if t is None:
+        t = _HALF_ULP[device] = torch.tensor(2.0 ** -25, device=device)
+    return t
 
 
 def noise_at(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -162,17 +162,23 @@ def test_race_is_the_argmax_of_p_over_e():
     assert torch.equal(race(probs.clone(), keys, ids), want)
 
 
-def test_cpu_hash_is_the_torch_hash():
-    """race's CPU path hashes in numpy: the same 24-bit values as the torch mix (bits_to_exponential's input) for
-    extreme keys and token ids, per-row ids and one id row shared by every row."""
-    from qwen2_triton.runtime.sampling_noise import MASK32, _mix32, hash_bits24
+def test_cpu_uniform_is_the_torch_uniform():
+    """race's CPU path hashes and scales in numpy (uint32): the same uniforms as the torch mix and one-op scaling
+    for extreme keys and token ids, per-row ids, one id row shared by every row, and the (key, id) pairs whose
+    hash has all 24 top bits set (the clamp below 1: (2^24 - 0.5) / 2^24 rounds to 1.0)."""
+    from qwen2_triton.runtime.sampling_noise import _U_MAX, MASK32, _mix32, uniform24
 
     g = torch.Generator().manual_seed(1)
-    keys = torch.cat([torch.tensor([0, 1, 2**32 - 1, 2**31]), torch.randint(0, 2**32, (60,), generator=g)])
+    keys = torch.cat([torch.tensor([0, 1, 2**32 - 1, 2**31, 20, 28]), torch.randint(0, 2**32, (58,), generator=g)])
+    top = torch.zeros(64, 2, dtype=torch.int64)
+    top[4:6] = torch.tensor([817060, 1008918])[:, None]  # the hash of (20, 817060) and (28, 1008918) is 2^24 - 1
     for ids in (torch.randint(0, 152064, (64, 37), generator=g), torch.tensor([0, 1, 152063, 2**20 - 1]),
-                torch.arange(152064).flip(0)[::1000]):
-        want = (_mix32((keys[:, None] + ids * 0x85EBCA6B) & MASK32) >> 8).float()
-        assert torch.equal(hash_bits24(keys, ids), want)
+                torch.arange(152064).flip(0)[::1000], top):
+        bits = (_mix32((keys[:, None] + ids * 0x85EBCA6B) & MASK32) >> 8).float()
+        want = torch.add(torch.tensor(2.0 ** -25), bits, alpha=2.0 ** -24).clamp_(max=_U_MAX)
+        got = uniform24(keys, ids)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert (bits[4:6, 0] == 2**24 - 1).all() and (got[4:6, 0] == _U_MAX).all()
 
 
 def test_noise_at_equals_the_full_row_noise():
