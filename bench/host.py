@@ -108,7 +108,8 @@ class PhaseTimer:
         self._wrap(core.scheduler, "schedule", "schedule")
         self._wrap(runner, "_prepare", "inputs")
         self._wrap(runner, "_execute", "inputs")  # the forward is a no-op: what is left is building its inputs
-        self._wrap(runner, "_sample", "sample")
+        self._wrap(runner, "_draw", "sample")
+        self._wrap(runner, "_read", "sample")
         self._wrap(core.scheduler, "update_from_output", "update")
         self._wrap(llm.outputs, "process", "output")
 

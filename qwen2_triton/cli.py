@@ -77,6 +77,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV cache of prompt prefixes seen before (chat history, system prompts); "
                         "default on")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    e.add_argument("--async-output", choices=("auto", "on", "off"), default="auto",
+                   help="process a step's outputs while the device runs the next one (default: on a GPU)")
     e.add_argument("--no-tune", dest="tune", action="store_false",
                    help="keep the attention tile heuristics instead of timing candidates at start-up")
     e.add_argument("--tuning-cache", default=None, help="tuning cache file (default ~/.cache/qwen2_triton/tuning.json)")
@@ -136,7 +138,8 @@ def _fit(params, llm, prompt: str, fallback: int | None):
 
 ENGINE_FLAGS = ("model", "dtype", "device", "kernels", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "kv_cache_tokens", "gpu_memory_utilization", "enforce_eager", "tune", "tuning_cache",
-                "enable_prefix_caching", "generation_config", "rope_scaling", "quantization", "tensor_parallel_size")
+                "enable_prefix_caching", "generation_config", "rope_scaling", "quantization", "tensor_parallel_size",
+                "async_output")
 
 
 def _engine_kwargs(a) -> dict:

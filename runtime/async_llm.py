@@ -31,6 +31,7 @@ from qwen2_triton.runtime.engine_core import EngineCore
 from qwen2_triton.runtime.input_processor import REST_OF_CONTEXT, InputProcessor, ProcessedPrompt
 from qwen2_triton.runtime.output_processor import OutputProcessor, RequestState
 from qwen2_triton.runtime.sampling_params import RequestOutput, SamplingParams
+from qwen2_triton.runtime.step_loop import StepLoop
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class AsyncLLM:
                                      self.core.capacity_tokens, self.core.generation_defaults,
                                      default_max_tokens=default_max_tokens, rope=self.core.rope)
         self.outputs = OutputProcessor(self.core.tokenizer)
+        self.loop = StepLoop(self.core, overlap=self.core.async_output)  # engine thread only
         self.observer = observer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread only
@@ -140,10 +142,10 @@ class AsyncLLM:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain(block=not self.core.has_unfinished_requests())
+                self._drain(block=not self.loop.has_work())
                 if self._stop.is_set():
                     break
-                if self.core.has_unfinished_requests():
+                if self.loop.has_work():
                     self._step()
         except BaseException as e:  # noqa: BLE001 - every request must hear about it, then the thread ends
             log.exception("engine thread stopped")
@@ -195,15 +197,18 @@ class AsyncLLM:
         self.last_stats = self.core.stats()  # the freed blocks show at once, not after the next step
 
     def _step(self) -> None:
-        outs = self.core.step()
-        changed, aborts = self.outputs.process(outs, time.monotonic())
-        if aborts:
-            self.core.abort_requests(aborts)
+        outs = self.loop.step(self._handle)
         self.last_stats = self.core.stats()
         if self.observer is not None:
             self.observer.step(self.last_stats, sum(len(o.new_token_ids) for o in outs))
+
+    def _handle(self, outs) -> list[str]:
+        """Detokenize one step's outputs and hand each request what is new (with async output, while the device
+        runs the next step); returns the engine ids a stop string finished."""
+        changed, aborts = self.outputs.process(outs, time.monotonic())
         for state in changed:
             self._deliver(state)
+        return aborts
 
     def _deliver(self, state: RequestState) -> None:
         sink = self._sinks.get(state.request_id)

@@ -12,6 +12,7 @@ from qwen2_triton.model.quantization import QUANTIZATION_CHOICES
 from qwen2_triton.runtime.rope_mode import ROPE_SCALING_CHOICES
 
 GENERATION_CONFIG_CHOICES = ("auto", "none")
+ASYNC_OUTPUT_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class EngineConfig:
             later request that starts with the same tokens (runtime/prefix_cache.py), so a chat turn, a shared
             system prompt or a resent document is prefilled once; a request asking for prompt_logprobs still
             computes its whole prompt. False: every prompt is prefilled in full.
+        async_output: "auto" | "on" | "off": process a step's outputs (detokenize, stop strings, hand them out)
+            while the device runs the next step (runtime/step_loop.py); outputs then arrive one step later, and a
+            request a stop string ends computes one token more, which is dropped. "auto": on with a CUDA device,
+            off on the CPU (where the model's work is synchronous, so nothing would overlap).
         enforce_eager: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket at start-up;
             True runs every step eagerly.
         tune: on a GPU, time the attention tile candidates for this model once at start-up (a few seconds) and
@@ -76,6 +81,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    async_output: str = "auto"
     enforce_eager: bool = False
     tune: bool = True
     tuning_cache: str | None = None
@@ -86,6 +92,8 @@ class EngineConfig:
         if self.generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {GENERATION_CONFIG_CHOICES}, "
                              f"got {self.generation_config!r}")
+        if self.async_output not in ASYNC_OUTPUT_CHOICES:
+            raise ValueError(f"async_output must be one of {ASYNC_OUTPUT_CHOICES}, got {self.async_output!r}")
         if self.rope_scaling not in ROPE_SCALING_CHOICES:
             raise ValueError(f"rope_scaling must be one of {ROPE_SCALING_CHOICES}, got {self.rope_scaling!r}")
         if self.quantization not in QUANTIZATION_CHOICES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +54,15 @@ def num_kv_blocks(c: EngineConfig, model, device: torch.device, dtype: torch.dty
         return n
     # CPU: room for one full-length sequence, capped so a YaRN-extended context does not claim GBs unasked
     return -(-min(max_model_len, CPU_DEFAULT_KV_TOKENS) // c.block_size) + 1
+
+
+@dataclass
+class LaunchedCoreStep:
+    """A step ``EngineCore.launch`` queued: outputs already known (requests whose grammar failed) and, when
+    something was scheduled, its chunks and the runner's in-flight step."""
+    outputs: list[EngineCoreOutput]
+    chunks: list | None = None
+    runner_step: object = None  # runtime/model_runner.LaunchedStep
 
 
 class EngineCore:
@@ -132,6 +142,8 @@ class EngineCore:
         if self.tp:
             self.runner.on_step = self.tp.send_step
             self.tp.ready()
+        # the frontends' step loops (runtime/step_loop.py) overlap output processing with the next step
+        self.async_output = c.async_output == "on" or (c.async_output == "auto" and self.device.type == "cuda")
         self._seq_ids = itertools.count()
         for line in self.describe():
             log.info("%s", line)
@@ -143,6 +155,9 @@ class EngineCore:
         return [*self.plan.describe(),
                 f"decode CUDA graphs for batch sizes {graphs.buckets}" if graphs else
                 "decode runs eagerly (no CUDA device, kernels=torch, or enforce_eager)",
+                "async output: a step's outputs are processed while the device runs the next one"
+                if self.async_output else "async output off: outputs are processed between steps "
+                f"({'async_output=off' if self.config.async_output == 'off' else 'no CUDA device'})",
                 f"{cfg.num_hidden_layers} layers, {self.dtype}, {self.device}, kernels={self.ops.name}; KV cache "
                 f"{self.blocks.capacity_tokens} tokens in {self.blocks.num_blocks} blocks of {self.blocks.block_size}",
                 f"context {self.max_model_len} tokens; {self.rope.describe()}"] + \
@@ -183,23 +198,40 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model and the sampler, and return what each request gained: ``collect(launch())``."""
+        return self.collect(self.launch())
+
+    def launch(self) -> "LaunchedCoreStep":
+        """Schedule the next step and queue its work on the device without waiting for it (runtime/step_loop.py
+        overlaps the frontend's work on the previous step's outputs with it). ``collect`` must follow before the
+        next launch, an abort or an added request."""
         failed = self.structured.failed_requests()  # grammars that did not compile end their requests
         self.scheduler.abort(failed)
         outputs = [EngineCoreOutput(rid, finish_reason="abort") for rid in failed]
         chunks = self.scheduler.schedule()
         if not chunks:
-            if self.structured.wait_for_grammars(GRAMMAR_WAIT_S):  # only requests whose grammar compiles
-                return outputs
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler produced an empty step with work pending (KV pool too small?)")
-            return outputs
+            if not self.structured.wait_for_grammars(GRAMMAR_WAIT_S):  # only requests whose grammar compiles
+                if self.scheduler.has_work():
+                    raise RuntimeError("scheduler produced an empty step with work pending (KV pool too small?)")
+            return LaunchedCoreStep(outputs)
         try:
-            result = self.runner.run(chunks, self.blocks)
+            return LaunchedCoreStep(outputs, chunks, self.runner.launch(chunks, self.blocks))
         except BaseException:  # an error or Ctrl-C mid-step: no half-written block may be reused
             self.scheduler.step_failed(chunks)
             raise
+
+    def collect(self, launched: "LaunchedCoreStep") -> list[EngineCoreOutput]:
+        """Wait for a launched step, read its tokens back and apply them: one EngineCoreOutput per request that
+        advanced."""
+        if not launched.chunks:
+            return launched.outputs
+        try:
+            result = self.runner.collect(launched.runner_step)
+        except BaseException:
+            self.scheduler.step_failed(launched.chunks)
+            raise
         self.blocks.step_done()
-        return outputs + self.scheduler.update_from_output(chunks, result)
+        return launched.outputs + self.scheduler.update_from_output(launched.chunks, result)
 
     def stats(self) -> dict:
         """Counters since start-up:

@@ -15,6 +15,7 @@ from qwen2_triton.runtime.engine_core import EngineCore
 from qwen2_triton.runtime.input_processor import InputProcessor, is_token_ids
 from qwen2_triton.runtime.output_processor import OutputProcessor, RequestState
 from qwen2_triton.runtime.sampling_params import CompletionOutput, RequestOutput, SamplingParams
+from qwen2_triton.runtime.step_loop import StepLoop
 
 
 class LLM:
@@ -30,6 +31,7 @@ class LLM:
         self.inputs = InputProcessor(self.core.tokenizer, self.core.vocab_size, self.core.max_model_len,
                                      self.core.capacity_tokens, self.core.generation_defaults, rope=self.core.rope)
         self.outputs = OutputProcessor(self.core.tokenizer)
+        self.loop = StepLoop(self.core, overlap=self.core.async_output)
         self._ids = itertools.count()
 
     # What the engine core knows, for callers and tests.
@@ -144,9 +146,10 @@ class LLM:
         return states
 
     def _step(self) -> None:
-        changed, aborts = self.outputs.process(self.core.step(), time.monotonic())
-        if aborts:
-            self.core.abort_requests(aborts)
+        self.loop.step(self._handle)
+
+    def _handle(self, outputs) -> list[str]:
+        return self.outputs.process(outputs, time.monotonic())[1]
 
     def _abort(self, states: list[RequestState]) -> None:
         """Drop unfinished requests (after an error or an abandoned stream) so the LLM stays usable: their KV

@@ -87,6 +87,17 @@ class StepResult:
     prompt_logprobs: dict[int, list[dict[int, float]]]  # seq_id -> entries for prompt positions in this chunk
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device by ``ModelRunner.launch``: what ``collect`` needs to read it back."""
+    s: StepInputs
+    batch: object = None  # runtime/sampling_state.SamplingBatch of the sampled rows
+    draft: object = None  # runtime/sampler.Draft: the drawn tokens, still on the device
+    logprobs: torch.Tensor | None = None  # log-softmax of every logits row, when some row asked
+    sample_logprobs: torch.Tensor | None = None  # ... of the sampled rows
+    prompt_idx: list[int] = field(default_factory=list)  # rows of row_of that score a prompt token
+
+
 class ModelRunner:
     def __init__(self, model: Qwen2Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  max_num_seqs: int, max_model_len: int, enforce_eager: bool, structured=None):
@@ -113,12 +124,22 @@ class ModelRunner:
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
         """Prepare the step's inputs, run the model (a captured decode graph when one fits) and sample."""
+        return self.collect(self.launch(chunks, blocks))
+
+    def launch(self, chunks: list[Chunk], blocks: BlockManager) -> "LaunchedStep":
+        """Queue the step's work: inputs, the model and the sampler's draw, with no host sync (on a GPU the
+        device may still be computing when this returns). ``collect`` must follow before the next launch."""
         step = self._prepare(chunks, blocks)
         if self.on_step is not None:  # tensor parallelism: every other rank runs this step too (runtime/worker.py)
             self.on_step(chunks, step)
         with self.model.ops.step_context(), torch.inference_mode():  # the sampler writes the step's logits in place
             logits = self._execute(chunks, step)
-            return self._sample(logits, step)
+            return self._draw(logits, step)
+
+    def collect(self, launched: "LaunchedStep") -> StepResult:
+        """Read the launched step's tokens (and log-probs) back to the host: the step's one sync."""
+        with self.model.ops.step_context(), torch.inference_mode():
+            return self._read(launched)
 
     def _prepare(self, chunks: list[Chunk], blocks: BlockManager) -> "StepInputs":
         s = StepInputs()
@@ -197,17 +218,17 @@ class ModelRunner:
                                   torch.tensor(s.logit_rows, dtype=torch.int64, device=dev),
                                   rope_rows=torch.tensor(s.rope_rows, dtype=torch.int64, device=dev))
 
-    def _sample(self, logits: torch.Tensor, s: "StepInputs") -> StepResult:
-        result = StepResult({}, {}, {})
+    def _draw(self, logits: torch.Tensor, s: "StepInputs") -> "LaunchedStep":
+        launched = LaunchedStep(s)
         row_of = s.row_of
         if not row_of:
-            return result
+            return launched
         seqs, sample_idx = s.sample_seqs, s.sample_rows
-        prompt_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "prompt"] \
+        launched.prompt_idx = [i for i, (kind, _, _) in enumerate(row_of) if kind == "prompt"] \
             if len(sample_idx) < len(row_of) else []
-        batch = self.sampling.batch(seqs) if seqs else None  # settings on the device, reused while it repeats
-        need_logprobs = prompt_idx or (batch is not None and batch.logprobs is not None)
-        logprobs = logits.log_softmax(-1) if need_logprobs else None
+        batch = launched.batch = self.sampling.batch(seqs) if seqs else None  # on the device, reused while it repeats
+        need_logprobs = launched.prompt_idx or (batch is not None and batch.logprobs is not None)
+        logprobs = launched.logprobs = logits.log_softmax(-1) if need_logprobs else None
         if seqs:
             # The step's logits are its own (a fresh tensor, or a decode graph's output buffer, which the next replay
             # rewrites), so grammar masks and penalties are written into them; the log-probs were taken above.
@@ -215,30 +236,47 @@ class ModelRunner:
             sl = logits if every else logits[sample_idx]
             if batch.grammar and self.structured is not None:  # -inf outside the grammar, before any sampling step
                 self.structured.apply_masks(sl, seqs)
-            tokens, tok_list = self.sampling.sample(sl, batch)
+            launched.draft = self.sampling.draw(sl, batch)
+            if batch.logprobs is not None:
+                launched.sample_logprobs = logprobs if every else logprobs[sample_idx]
+        return launched
+
+    def _read(self, launched: "LaunchedStep") -> StepResult:
+        result = StepResult({}, {}, {})
+        s, batch = launched.s, launched.batch
+        if launched.draft is not None:
+            tokens, tok_list = self.sampling.take(batch, launched.draft)
             result.tokens = dict(zip(batch.key, tok_list))
             if batch.logprobs is not None:
-                chosen, ids, vals = top_logprobs(logprobs if every else logprobs[sample_idx], tokens, batch.logprobs)
-                chosen = chosen.tolist()
-                ids, vals = (ids.tolist(), vals.tolist()) if ids is not None else (None, None)
-                for j, seq in enumerate(seqs):
-                    if seq.params.logprobs is None:
-                        continue
-                    n = seq.params.logprobs
-                    d = {ids[j][r]: vals[j][r] for r in range(n)} if n else {}
-                    d[tok_list[j]] = chosen[j]
-                    result.logprobs[seq.seq_id] = d
+                counts = [seq.params.logprobs for seq in s.sample_seqs]
+                dicts = _logprob_dicts(launched.sample_logprobs, tokens, tok_list, counts)
+                for seq, d in zip(s.sample_seqs, dicts):
+                    if d is not None:
+                        result.logprobs[seq.seq_id] = d
+        prompt_idx, row_of = launched.prompt_idx, s.row_of
         if prompt_idx:
-            targets = torch.tensor([row_of[i][1].prompt_ids[row_of[i][2]] for i in prompt_idx],
-                                   device=logits.device)
-            k = max(row_of[i][1].params.prompt_logprobs for i in prompt_idx)
-            chosen, ids, vals = top_logprobs(logprobs[prompt_idx], targets, k)
-            chosen = chosen.tolist()
-            ids, vals = (ids.tolist(), vals.tolist()) if ids is not None else (None, None)
-            for j, i in enumerate(prompt_idx):
-                seq = row_of[i][1]
-                n = seq.params.prompt_logprobs
-                d = {ids[j][r]: vals[j][r] for r in range(n)} if n else {}
-                d[seq.prompt_ids[row_of[i][2]]] = chosen[j]
-                result.prompt_logprobs.setdefault(seq.seq_id, []).append(d)
+            targets = [row_of[i][1].prompt_ids[row_of[i][2]] for i in prompt_idx]
+            counts = [row_of[i][1].params.prompt_logprobs for i in prompt_idx]
+            dicts = _logprob_dicts(launched.logprobs[prompt_idx],
+                                   torch.tensor(targets, device=launched.logprobs.device), targets, counts)
+            for i, d in zip(prompt_idx, dicts):
+                result.prompt_logprobs.setdefault(row_of[i][1].seq_id, []).append(d)
         return result
+
+
+def _logprob_dicts(logprobs: torch.Tensor, targets: torch.Tensor, target_list: list[int],
+                   counts: list[int | None]) -> list[dict[int, float] | None]:
+    """Per row: {token: log-prob} of its ``counts[j]`` most likely tokens and its target (the sampled or the prompt
+    token); None for a row whose count is None (it did not ask)."""
+    chosen, ids, vals = top_logprobs(logprobs, targets, max(n for n in counts if n is not None))
+    chosen = chosen.tolist()
+    ids, vals = (ids.tolist(), vals.tolist()) if ids is not None else (None, None)
+    out = []
+    for j, n in enumerate(counts):
+        if n is None:
+            out.append(None)
+            continue
+        d = {ids[j][r]: vals[j][r] for r in range(n)} if n else {}
+        d[target_list[j]] = chosen[j]
+        out.append(d)
+    return out

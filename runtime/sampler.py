@@ -326,7 +326,7 @@ class Draft:
     the k-th value may reach past its window (``resolve`` redraws those on the full row)."""
     tokens: torch.Tensor
     logits: torch.Tensor  # penalised
-    t: SamplingTensors
+    t: SamplingTensors | None  # None: greedy rows without penalties (nothing to redo)
     flagged: bool = False  # some row may be -1
 
     def resolve(self) -> tuple[torch.Tensor, list[int]]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qwen2_triton.runtime.row_select import argmax
-from qwen2_triton.runtime.sampler import ALL, SamplingPlan, SamplingTensors, draw, make_plan
+from qwen2_triton.runtime.sampler import ALL, Draft, SamplingPlan, SamplingTensors, draw, make_plan
 from qwen2_triton.runtime.token_history import BatchHistory, TokenHistory
 
 # columns of the float table, and of the int64 one
@@ -79,21 +79,30 @@ class SamplingState:
         return b
 
     def sample(self, logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, list[int]]:
-        """Draw one token per row: (tokens on the device, the same as a host list). Advances the rows' output
-        indices and penalty histories. Called in inference mode (ModelRunner.run): the logits, the model's output,
-        are written in place."""
+        """Draw one token per row: (tokens on the device, the same as a host list). ``draw`` then ``take``."""
+        return self.take(b, self.draw(logits, b))
+
+    def draw(self, logits: torch.Tensor, b: SamplingBatch) -> Draft:
+        """Queue the draw of one token per row (no host sync). Called in inference mode (ModelRunner.launch): the
+        logits, the model's output, are written in place. ``take`` must follow before this batch draws again."""
         t = b.tensors
         if t is None:
-            tokens = argmax(logits)
-            return tokens, tokens.tolist()
+            return Draft(argmax(logits), logits, None)
         h = b.history
         if h is not None:
             t.history_ids = h.ids()
             t.history_counts = h.counts(t.history_ids) if b.plan.frequency else None
-        tokens, host = draw(logits, t, writable=True).resolve()
-        if h is not None:
-            h.append(tokens)
-        t.step_offset += 1
+        return draw(logits, t, writable=True)
+
+    def take(self, b: SamplingBatch, d: Draft) -> tuple[torch.Tensor, list[int]]:
+        """The drawn tokens, read back (on the device, and as a host list); advances the rows' output indices and
+        penalty histories."""
+        tokens, host = d.resolve()
+        t = b.tensors
+        if t is not None:
+            if b.history is not None:
+                b.history.append(tokens)
+            t.step_offset += 1
         return tokens, host
 
     # -------------------------------------------------------------------------------------------------- internals

@@ -459,7 +459,7 @@ def test_a_failed_step_leaves_no_half_written_block_in_the_cache(ckpt, plain, mo
     llm = LLM(ckpt, **CPU)
     prompt = ids(70, 40)
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    real = llm.runner.run
+    real = llm.runner.launch
     calls = []
 
     def dies_once(chunks, blocks):
@@ -468,7 +468,7 @@ def test_a_failed_step_leaves_no_half_written_block_in_the_cache(ckpt, plain, mo
             raise KeyboardInterrupt  # Ctrl-C inside the prefill, after its blocks were named
         return real(chunks, blocks)
 
-    monkeypatch.setattr(llm.runner, "run", dies_once)
+    monkeypatch.setattr(llm.runner, "launch", dies_once)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompt, sp)
     assert len(llm.blocks.cache) == 0 and llm.stats()["kv_blocks_used"] == 0

@@ -385,20 +385,22 @@ def test_every_engine_step_draws_what_the_old_sampler_draws(ckpt):
               max_num_batched_tokens=24, max_num_seqs=4)
     state = llm.runner.sampling
     steps = []
-    batch, sample = state.batch, state.sample
+    batch, draw, take = state.batch, state.draw, state.take
 
     def spy_batch(seqs):
         spy_batch.seqs = list(seqs)
         return batch(seqs)
 
-    def spy_sample(logits, b):
-        seqs = spy_batch.seqs
-        before = (logits.clone(), old_tensors(seqs, logits.shape[-1]))
-        tokens, host = sample(logits, b)
-        steps.append((*before, host))
+    def spy_draw(logits, b):  # the runner draws (launch), then takes the tokens (collect)
+        spy_draw.before = (logits.clone(), old_tensors(spy_batch.seqs, logits.shape[-1]))
+        return draw(logits, b)
+
+    def spy_take(b, d):
+        tokens, host = take(b, d)
+        steps.append((*spy_draw.before, host))
         return tokens, host
 
-    state.batch, state.sample = spy_batch, spy_sample
+    state.batch, state.draw, state.take = spy_batch, spy_draw, spy_take
     sps = [SamplingParams(max_tokens=10, temperature=0.8, top_k=20, top_p=0.8, repetition_penalty=1.3, seed=1),
            SamplingParams(max_tokens=9, temperature=1.0, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.3,
                           seed=2),
