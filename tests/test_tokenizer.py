@@ -177,6 +177,54 @@ def test_incremental_detokenizer_random_ids(ours):
     assert out == ours.decode(ids)
 
 
+def _adversarial_stream(ours, rng):
+    """A prompt whose last 5 tokens decode to whole characters and a completion of random ids mixing text
+    tokens, lone UTF-8 bytes (CJK and emoji split across tokens), special tokens and ids past the vocabulary."""
+    words = sorted({i for t in STREAM_TEXTS for i in ours.encode(t)})
+    partial = _partial_byte_tokens(ours)
+    special = list(range(151643, ours.vocab_size))
+    prompt = [rng.choice(words) for _ in range(rng.randrange(0, 12))]
+    while prompt and "\ufffd" in ours.decode(prompt[-5:]):  # a text's tokens can split a character too
+        prompt.pop()
+    ids = [rng.choice(rng.choice([words, partial, special, range(ours.vocab_size + 50)]))
+           for _ in range(rng.randrange(1, 30))]
+    return prompt, ids
+
+
+_PARTIAL: list[int] = []
+
+
+def _partial_byte_tokens(ours) -> list[int]:
+    if not _PARTIAL:
+        _PARTIAL.extend(i for i in range(ours.vocab_size) if "\ufffd" in ours.decode([i]))
+    return _PARTIAL
+
+
+def test_decode_stream_decides_as_the_python_scheme(ours):
+    """tokenizers' DecodeStream (the per-token path) against the prefix/read-offset scheme in Python, delta by
+    delta and at flush, with and without skipping special tokens."""
+    rng = random.Random(0)
+    for trial in range(400):
+        prompt, ids = _adversarial_stream(ours, rng)
+        skip = trial % 2 == 0
+        fast = IncrementalDetokenizer(ours, prompt, skip_special_tokens=skip)
+        slow = IncrementalDetokenizer(ours, prompt, skip_special_tokens=skip, stream=False)
+        assert fast._stream is not None, "the prompt's context is whole characters: the stream path must run"
+        assert [fast.add(i) for i in ids] == [slow.add(i) for i in ids], (prompt, ids, skip)
+        assert fast.flush() == slow.flush()
+
+
+def test_decode_stream_is_not_seeded_with_context_ending_mid_character(ours):
+    """Left context that ends inside a character (raw token ids) takes the Python scheme, whose deltas the
+    stream's would differ from; the joined text still equals decode()."""
+    char = ours.encode("🪐")
+    prompt, completion = ours.encode("hi ") + char[:1], char[1:] + ours.encode(" ok")
+    detok = IncrementalDetokenizer(ours, prompt)
+    assert detok._stream is None
+    out = "".join(detok.add(i) for i in completion) + detok.flush()
+    assert out == ours.decode(prompt + completion)[len(ours.decode(prompt)):]
+
+
 def test_from_dir_matches_hf(hf, ours, tmp_path):
     hf.save_pretrained(tmp_path)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, ENDOFTEXT]}))
