@@ -21,7 +21,7 @@ from qwen2_triton.runtime.step_loop import StepLoop
 class LLM:
     """A Qwen2-family model ready to generate. Takes every EngineConfig setting as a keyword (runtime/engine_config.py
     documents them): model, dtype, device, kernels, generation_config, max_model_len, rope_scaling, max_num_seqs,
-    max_num_batched_tokens, block_size, kv_cache_tokens, gpu_memory_utilization, enforce_eager, tune,
+    max_num_batched_tokens, block_size, kv_cache_tokens, gpu_memory_utilization, enforce_eager, async_output, tune,
     tuning_cache, progress, tensor_parallel_size. ``llm.plan.describe()`` says which kernels were chosen and why.
     ``close()`` (or ``with LLM(...) as llm:``) stops the worker processes of tensor_parallel_size > 1."""
 
