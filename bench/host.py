@@ -93,7 +93,7 @@ def noop_llm(max_num_seqs: int, path: str = "graphs", device: str = "cpu", max_s
     runner = llm.runner
     if path == "graphs" and runner.decode_graphs is None:  # the GPU decode path, without the capture
         runner.decode_graphs = DecodeGraphs(model, runner.kv_caches, max_num_seqs, llm.max_model_len,
-                                            llm.blocks.block_size, use_graphs=False)
+                                            llm.blocks.block_size, use_graphs=False, tables=runner.tables)
     elif path == "eager":
         runner.decode_graphs = None
     return llm

@@ -16,6 +16,7 @@ import torch
 
 from qwen2_triton.kernels.attention import AttentionMetadata
 from qwen2_triton.runtime.block_manager import DUMMY_BLOCK
+from qwen2_triton.runtime.block_tables import DeviceBlockTables
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -29,13 +30,12 @@ class DecodeGraphs:
 
     Host work per step is O(batch): the step's token ids, positions, slots and lengths go to the device in one
     contiguous pinned copy (rows of ``inputs``; the int32 lengths the kernels read are converted inside the
-    step), and the block tables live on the device: only entries that changed travel, as (flat index, block)
-    pairs in one copy and one scatter. A running sequence gains a block every ``block_size`` tokens, so most
-    steps send none; a row is resent whole when another sequence takes it over.
+    step), and the block tables live on the device (runtime/block_tables.py, shared with the runner's eager
+    steps): only entries that changed travel.
     """
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
-                 use_graphs: bool):
+                 use_graphs: bool, tables: DeviceBlockTables | None = None):
         dev = model.device
         self.model, self.kv_caches = model, kv_caches
         self.buckets = batch_buckets(max_num_seqs)
@@ -50,11 +50,12 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping = self.inputs[0], self.inputs[1], self.inputs[2]
         self.rope_rows = self.inputs[4]
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
-        self.block_tables = torch.full((self.max_bs, self.max_blocks), DUMMY_BLOCK, dtype=torch.int32, device=dev)
+        # the runner's device block tables (shared with its eager steps), or this object's own
+        self.tables = tables if tables is not None else DeviceBlockTables(self.max_bs, self.max_blocks, dev)
+        assert self.tables.fits(self.max_bs, self.max_blocks), "the block tables are smaller than the graphs"
+        self.block_tables = self.tables.table
         self.cu_seqlens_q = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
         self._host_inputs = torch.zeros((5, self.max_bs), dtype=torch.int64, pin_memory=dev.type == "cuda")
-        self._row_owner = [None] * self.max_bs  # seq_id whose table row i holds on the device, "pad", or None
-        self._row_len = [0] * self.max_bs  # entries of that table already on the device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0
@@ -67,11 +68,8 @@ class DecodeGraphs:
         return n <= self.max_bs and width <= self.max_blocks
 
     def forget(self, seq_id: int) -> None:
-        """The sequence left the running set (finished or preempted: a preempted one comes back with other
-        blocks), so no row may reuse its cached table."""
-        for i, owner in enumerate(self._row_owner):
-            if owner == seq_id:
-                self._row_owner[i] = None
+        """The sequence left the running set: no row may keep its table."""
+        self.tables.forget(seq_id)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         # max_seqlen_k fixes the most splits per sequence (the decode grid) at capture, sized for the longest
@@ -98,23 +96,6 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def _table_updates(self, seq_ids: list[int], block_tables: list[list[int]], bs: int) -> list[int]:
-        """Flat indices into ``block_tables`` followed by the block ids to write there, for rows [0, bs).
-        Padding rows need only column 0 (their one key sits in the dummy block)."""
-        idx, val = [], []
-        for i in range(bs):
-            if i < len(seq_ids):
-                sid, table = seq_ids[i], block_tables[i]
-                start = self._row_len[i] if self._row_owner[i] == sid else 0
-                idx.extend(range(i * self.max_blocks + start, i * self.max_blocks + len(table)))
-                val.extend(table[start:])
-                self._row_owner[i], self._row_len[i] = sid, len(table)
-            elif self._row_owner[i] != "pad":
-                idx.append(i * self.max_blocks)
-                val.append(DUMMY_BLOCK)
-                self._row_owner[i], self._row_len[i] = "pad", 1
-        return idx + val
-
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]], seq_ids: list[int], *, rope_rows: list[int]) -> torch.Tensor:
         """One decode step for n sequences; returns float32 logits (n, vocab). rope_rows: each token's cos/sin row
@@ -133,12 +114,9 @@ class DecodeGraphs:
                                                   rope_rows + [0] * pad],
                                                  dtype=torch.int64)
         self.inputs.copy_(self._host_inputs, non_blocking=True)  # whole buffer: contiguous, so a direct DMA
-        updates = self._table_updates(seq_ids, block_tables, bs)
-        if updates:
-            self.table_copies += 1
-            pairs = torch.tensor(updates, dtype=torch.int64).to(self.block_tables.device, non_blocking=True)
-            n_upd = len(updates) // 2
-            self.block_tables.view(-1).index_copy_(0, pairs[:n_upd], pairs[n_upd:].to(torch.int32))
+        copies = self.tables.copies
+        self.tables.update(seq_ids, block_tables, rows=bs)
+        self.table_copies += self.tables.copies - copies
         if bs in self.graphs:
             self.graphs[bs].replay()
             self.replays += 1

@@ -12,6 +12,7 @@ import torch
 from qwen2_triton.kernels.attention import AttentionMetadata
 from qwen2_triton.model.qwen2 import Qwen2Model
 from qwen2_triton.runtime.block_manager import BlockManager
+from qwen2_triton.runtime.block_tables import DeviceBlockTables
 from qwen2_triton.runtime.decode_graphs import DecodeGraphs
 from qwen2_triton.runtime.sampler import top_logprobs
 from qwen2_triton.runtime.sampling_state import SamplingState
@@ -104,12 +105,14 @@ class ModelRunner:
         self.model, self.device, self.block_size = model, model.device, block_size
         self.structured = structured  # runtime/structured_output.StructuredOutputManager: grammar masks, or None
         self.kv_caches = allocate_kv(model, num_blocks, block_size, kv_dtype)
+        # the step's block tables on the device, sent as they change (eager steps and decode graphs alike)
+        self.tables = DeviceBlockTables(max_num_seqs, -(-max_model_len // block_size), self.device)
         self.decode_graphs = None
         # Only ops without host syncs can be captured: the Triton kernels are; the torch references are not
         # (attention_ref reads the sequence lengths on the host).
         if self.device.type == "cuda" and not enforce_eager and getattr(model.ops, "capturable", False):
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, max_model_len, block_size,
-                                              use_graphs=True)
+                                              use_graphs=True, tables=self.tables)
         self.on_step = None  # called with (chunks, StepInputs) before each step runs
         self.eager_steps = 0  # steps that ran without a graph: prefill and mixed steps, and the fallbacks below
         self.eager_decode_fallbacks = 0  # pure decode steps that ran eagerly although graphs were captured
@@ -119,8 +122,9 @@ class ModelRunner:
     def release(self, seq) -> None:
         """The sequence left the running set (finished or preempted)."""
         self.sampling.release(seq)
-        if self.decode_graphs is not None:
-            self.decode_graphs.forget(seq.seq_id)
+        self.tables.forget(seq.seq_id)
+        if self.decode_graphs is not None and self.decode_graphs.tables is not self.tables:
+            self.decode_graphs.forget(seq.seq_id)  # graphs built by hand with tables of their own
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> StepResult:
         """Prepare the step's inputs, run the model (a captured decode graph when one fits) and sample."""
@@ -203,11 +207,15 @@ class ModelRunner:
                 log.warning("a decode step ran without its CUDA graph (no graph fits the batch or context); "
                             "stats()['eager_decode_fallbacks'] counts them")
             self.eager_decode_fallbacks += 1
-        tables = [c.seq.block_table + [0] * (s.width - len(c.seq.block_table)) for c in chunks]
+        if self.tables.fits(len(chunks), s.width):
+            tables = self.tables.update([c.seq.seq_id for c in chunks], [c.seq.block_table for c in chunks])
+        else:  # (no admitted request outgrows max_model_len; kept for callers that build runners by hand)
+            tables = torch.tensor([c.seq.block_table + [0] * (s.width - len(c.seq.block_table)) for c in chunks],
+                                  dtype=torch.int32, device=dev)
         meta = AttentionMetadata(
             cu_seqlens_q=torch.tensor(s.cu, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(s.lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            block_tables=tables,
             slot_mapping=torch.tensor(s.slots, dtype=torch.int64, device=dev),
             max_seqlen_q=s.max_q, max_seqlen_k=s.max_k, decode_seqs=s.decode_seqs,
         )

@@ -34,7 +34,8 @@ def make(ckpt, padded: bool, **kw):
               **({"device": "cpu", "kernels": "torch"} if not CUDA else {}), **kw)
     if padded and llm.runner.decode_graphs is None:  # CPU: run the same padded path without capture
         r = llm.runner
-        r.decode_graphs = DecodeGraphs(llm.model, r.kv_caches, 6, 256, llm.blocks.block_size, use_graphs=False)
+        r.decode_graphs = DecodeGraphs(llm.model, r.kv_caches, 6, 256, llm.blocks.block_size, use_graphs=False,
+                                       tables=r.tables)
     return llm
 
 

@@ -150,7 +150,8 @@ def test_padded_decode_path_keeps_its_device_block_tables_right(ckpt, plain):
     llm = LLM(ckpt, **{**CPU, "kv_cache_tokens": 160, "max_num_seqs": 6, "max_model_len": 256})
     r = llm.runner
     if r.decode_graphs is None:
-        r.decode_graphs = DecodeGraphs(llm.model, r.kv_caches, 6, 256, llm.blocks.block_size, use_graphs=False)
+        r.decode_graphs = DecodeGraphs(llm.model, r.kv_caches, 6, 256, llm.blocks.block_size, use_graphs=False,
+                                       tables=r.tables)
     system = ids(50, 20)
     prompts = [system + ids(60 + i, 2 + 3 * i) for i in range(5)]
     sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)

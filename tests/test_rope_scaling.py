@@ -180,7 +180,7 @@ def test_mixed_decode_on_the_static_graph_buffers_and_through_preemption(ckpt):
     path, hf_yarn, hf_plain = ckpt
     llm = engine(path, max_num_seqs=4, kv_cache_tokens=448, block_size=16)
     r = llm.runner
-    r.decode_graphs = DecodeGraphs(llm.model, r.kv_caches, 4, llm.max_model_len, 16, use_graphs=False)
+    r.decode_graphs = DecodeGraphs(llm.model, r.kv_caches, 4, llm.max_model_len, 16, use_graphs=False, tables=r.tables)
     rows = record_rope_rows(llm)
     prompts = [SHORT, LONG]
     outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
