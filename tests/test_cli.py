@@ -6,24 +6,13 @@ import importlib.metadata
 import io
 import json
 import os
-import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
 from checkpoints import make_checkpoint
+from cli_fakes import CTRL_C_WHILE_PRINTING, FakeLLM, cli, run_main
 from qwen2_triton import cli as cli_mod
-
-
-def cli(*args, input=None, timeout=300):
-    env = {**os.environ}
-    env.pop("TRITON_INTERPRET", None)
-    # bytes, not text mode: universal-newline translation would turn a generated "\r\n" into "\n"
-    out = subprocess.run([sys.executable, "-m", "qwen2_triton.cli", *args], capture_output=True, timeout=timeout,
-                         env=env, input=None if input is None else input.encode())
-    out.stdout, out.stderr = out.stdout.decode("utf-8"), out.stderr.decode("utf-8")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -110,80 +99,6 @@ def test_bench_dispatch():
 # ------------------------------------------------------------------------------------------------------------
 # In-process: cli.main with a fake LLM (cli._llm monkeypatched) and scripted input(), so Ctrl-C can be raised
 # exactly where a person would press it.
-
-CTRL_C_WHILE_PRINTING = object()  # a delta whose text raises KeyboardInterrupt: Ctrl-C lands in the CLI's print
-
-
-class _CtrlCDelta:
-    token_ids, finish_reason = [0], None
-
-    @property
-    def text(self):
-        raise KeyboardInterrupt
-
-
-class FakeLLM:
-    """The part of LLM the CLI uses: stream(), tokenizer, room_after(), generation_defaults. Each stream plays the
-    next script: strings (one token each; the last one finishes with "stop", an earlier one at max_tokens with
-    "length"),
-    KeyboardInterrupt (Ctrl-C during a model step) or CTRL_C_WHILE_PRINTING. ``live`` counts streams neither
-    finished nor closed: what would hold KV blocks in the real engine."""
-
-    def __init__(self, *scripts, room=1000, defaults=None):
-        from qwen2_triton.runtime.input_processor import InputProcessor
-
-        self.scripts, self.room = list(scripts), room
-        self.generation_defaults = defaults or {}
-        self.tokenizer = SimpleNamespace(encode=lambda text: [0],  # every prompt: one token
-                                         apply_chat_template=lambda m, add_generation_prompt: json.dumps(m))
-        # the engine's own max_tokens rule, over a context of ``room`` tokens
-        self.inputs = InputProcessor(self.tokenizer, 10**6, room, room, self.generation_defaults)
-        self.prompts, self.params, self.live = [], [], 0
-
-    def room_after(self, n):
-        return self.room - n
-
-    def stream(self, prompt, params):
-        self.prompts.append(prompt)
-        self.params.append(params)
-        return self._deltas(self.scripts.pop(0), params)
-
-    def _deltas(self, script, params):
-        self.live += 1
-        try:
-            for n, piece in enumerate(script, 1):
-                if piece is KeyboardInterrupt:
-                    raise KeyboardInterrupt
-                if piece is CTRL_C_WHILE_PRINTING:
-                    yield _CtrlCDelta()
-                    continue
-                finish = "stop" if n == len(script) else "length" if n == params.max_tokens else None
-                yield SimpleNamespace(text=piece, token_ids=[n], finish_reason=finish)
-                if finish:
-                    return
-        finally:
-            self.live -= 1
-
-
-def run_main(monkeypatch, capsys, fake, argv, inputs=()):
-    """cli.main(argv) with ``fake`` as the LLM; ``inputs`` are what the user types (strings) or presses
-    (EOFError = Ctrl-D, KeyboardInterrupt = Ctrl-C). Returns (status, stdout, stderr, live streams at each prompt)."""
-    pending, live_at_prompt = list(inputs), []
-
-    def scripted_input(prompt=""):
-        print(prompt, end="")
-        live_at_prompt.append(fake.live)
-        item = pending.pop(0)
-        if isinstance(item, type) and issubclass(item, BaseException):
-            raise item
-        return item
-
-    monkeypatch.setattr(cli_mod, "_llm", lambda a: fake)
-    monkeypatch.setattr("builtins.input", scripted_input)
-    status = cli_mod.main(argv)
-    out = capsys.readouterr()
-    return status, out.out, out.err, live_at_prompt
-
 
 def history(prompt: str) -> list[tuple[str, str]]:
     return [(m["role"], m["content"]) for m in json.loads(prompt)]
@@ -280,106 +195,6 @@ def test_chat_ctrl_c_frees_the_real_engines_kv_blocks(monkeypatch, ckpt):
     status = cli_mod.main(["chat", "--temperature", "0", "--max-tokens", "40"])
     assert status == 0 and stdout.countdown is None  # the trap fired
     assert seen == [(False, True)] * 3  # before each prompt: nothing running, every block free
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Flags are checked before the model loads, and errors name flags.
-
-@pytest.fixture
-def no_load(monkeypatch):
-    def fail(a):
-        raise AssertionError("the model was loaded for a command line that cannot run")
-
-    monkeypatch.setattr(cli_mod, "_llm", fail)
-
-
-@pytest.mark.parametrize("command", ["generate", "chat"])
-@pytest.mark.parametrize("flags,message", [
-    (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
-    (["--temperature", "nan"], "--temperature nan: must be a finite number"),
-    (["--temperature", "-1"], "--temperature -1.0:"),
-    (["--max-tokens", "0"], "--max-tokens 0: must be an integer >= 1"),
-    (["--top-k", "0"], "--top-k 0: must be -1 (off) or an integer >= 1"),
-    (["--repetition-penalty", "0"], "--repetition-penalty 0.0:"),
-    (["--max-tokens", "64", "--max-model-len", "64"], "--max-tokens 64 leaves no room for a prompt"),
-])
-def test_bad_sampling_flag_fails_before_the_model_loads(no_load, capsys, command, flags, message):
-    status = cli_mod.main([command, *flags] + (["hi"] if command == "generate" else []))
-    err = capsys.readouterr().err
-    assert status == 2 and f"qwen2-triton: error: {message}" in err and "SamplingParams" not in err
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
-    (["--device", "tpu"], "argument --device: expected cuda, cuda:N or cpu, got 'tpu'"),
-    (["--kernels", "cuda"], "argument --kernels: invalid choice: 'cuda'"),
-    (["--max-model-len", "1"], "argument --max-model-len: expected an integer >= 2"),
-    (["--max-model-len", "lots"], "argument --max-model-len: expected an integer >= 2"),
-    (["--quantization", "int4"], "argument --quantization: invalid choice: 'int4'"),
-])
-def test_bad_model_flag_fails_before_the_model_loads(no_load, capsys, flags, message):
-    with pytest.raises(SystemExit) as e:
-        cli_mod.main(["chat", *flags])
-    assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_flag_aliases_and_choices_match_the_library(monkeypatch):
-    from qwen2_triton.runtime.kernel_plan import DTYPES, KERNEL_CHOICES
-
-    assert cli_mod.KERNEL_CHOICES == KERNEL_CHOICES
-    assert set(cli_mod.DTYPE_CHOICES[1:]) | set(cli_mod.DTYPE_ALIASES) == set(DTYPES)
-    assert all(DTYPES[alias] == DTYPES[name] for alias, name in cli_mod.DTYPE_ALIASES.items())
-    seen = {}
-    monkeypatch.setattr(cli_mod, "_llm", lambda a: seen.update(dtype=a.dtype, device=a.device) or FakeLLM(["x"]))
-    assert cli_mod.main(["generate", "--dtype", "bf16", "--device", "cuda:1", "hi"]) == 0
-    assert seen == {"dtype": "bfloat16", "device": "cuda:1"}
-
-
-@pytest.mark.parametrize("flags,want", [([], "auto"), (["--quantization", "none"], "none")])
-def test_quantization_flag_reaches_the_engine_config(monkeypatch, flags, want):
-    """Through the CLI's own _llm: LLM(...) receives the setting, and EngineConfig (which LLM builds) holds it."""
-    from qwen2_triton.model.quantization import QUANTIZATION_CHOICES
-    from qwen2_triton.runtime.engine_config import EngineConfig
-
-    assert cli_mod.QUANTIZATION_CHOICES == QUANTIZATION_CHOICES
-    seen = {}
-    monkeypatch.setattr("qwen2_triton.LLM", lambda **kw: seen.update(cfg=EngineConfig(**kw)) or FakeLLM(["x"]))
-    assert cli_mod.main(["generate", *flags, "hi"]) == 0
-    assert seen["cfg"].quantization == want
-
-
-@pytest.mark.parametrize("library,cli_text", [
-    ("device='cuda' was asked for but no CUDA device is available; use device='cpu'",
-     "--device cuda was asked for but no CUDA device is available; use --device cpu"),
-    ("max_model_len must be an integer >= 2, got -5", "--max-model-len must be an integer >= 2, got -5"),
-    ("SamplingParams.top_p=2: must be in (0, 1]", "--top-p 2: must be in (0, 1]"),
-    ("prompt 0: 30 prompt tokens + max_tokens 4 = 34 exceeds the model's context of 32 tokens",
-     "prompt 0: 30 prompt tokens + --max-tokens 4 = 34 exceeds the model's context of 32 tokens"),
-    ("dtype bfloat16 needs sm_80 or newer; T4 is sm_75: use dtype='float16'",
-     "dtype bfloat16 needs sm_80 or newer; T4 is sm_75: use --dtype float16"),
-    ("SamplingParams.logprobs=-1: must be None or an integer >= 0",  # no such flag: left as it is
-     "SamplingParams.logprobs=-1: must be None or an integer >= 0"),
-    ("the seed and the device of this temperature", "the seed and the device of this temperature"),  # prose
-])
-def test_library_errors_read_in_flag_names(library, cli_text):
-    assert cli_mod.flag_names(library) == cli_text
-
-
-def test_library_error_at_load_names_the_flag(capsys, monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli_mod.main(["generate", "--device", "cuda", "hi"]) == 2
-    assert "use --device cpu" in capsys.readouterr().err
-
-
-def test_hub_id_gets_a_download_hint(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    out = cli("generate", "--model", "Qwen/Qwen2-0.5B-Instruct", "--device", "cpu", "hi")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "does not download" in out.stderr
-    assert "hf download Qwen/Qwen2-0.5B-Instruct --local-dir ./Qwen2-0.5B-Instruct" in out.stderr
-    assert "--model ./Qwen2-0.5B-Instruct" in out.stderr  # in CLI terms (the library says model='...')
 
 
 # ------------------------------------------------------------------------------------------------------------
