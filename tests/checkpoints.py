@@ -98,3 +98,17 @@ def hf_prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
         logits = model(torch.tensor([ids])).logits[0].double()
     lp = logits.log_softmax(-1)
     return lp[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+
+def checkpoint_fixture(seed: str = "qwen2-0.5b", **kw):
+    """A module-scoped pytest fixture named ``ckpt``: the path of a tiny checkpoint shaped after ``seed`` with the
+    Qwen tokenizer (make_checkpoint's keywords pass through). At a test module's top: ``ckpt = checkpoint_fixture()``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def ckpt(tmp_path_factory, qwen_tokenizer_dir):
+        path = str(tmp_path_factory.mktemp(f"{seed}_ckpt"))
+        make_checkpoint(path, seed, qwen_tokenizer_dir, **kw)
+        return path
+
+    return ckpt

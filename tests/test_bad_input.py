@@ -9,15 +9,11 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from qwen2_triton import LLM, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("bad_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 @pytest.fixture(scope="module")

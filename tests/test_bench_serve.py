@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from live_server import running_server
 from qwen2_triton.bench.serve import main
 from qwen2_triton.bench.serve_metrics import RequestResult, compute_metrics, summarize
@@ -49,11 +49,7 @@ def test_compute_metrics_on_known_requests():
     assert m["mean_e2el_ms"] == pytest.approx(700) and m["p50_e2el_ms"] == pytest.approx(800)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("bench_serve_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 @pytest.fixture(scope="module")

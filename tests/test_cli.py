@@ -10,16 +10,12 @@ import sys
 
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from cli_fakes import CTRL_C_WHILE_PRINTING, FakeLLM, cli, run_main
 from qwen2_triton import cli as cli_mod
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("cli_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 def test_help_names_every_command():

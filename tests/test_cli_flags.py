@@ -39,6 +39,7 @@ def test_bad_sampling_flag_fails_before_the_model_loads(no_load, capsys, command
     (["--max-model-len", "1"], "argument --max-model-len: expected an integer >= 2"),
     (["--max-model-len", "lots"], "argument --max-model-len: expected an integer >= 2"),
     (["--quantization", "int4"], "argument --quantization: invalid choice: 'int4'"),
+    (["--async-output", "yes"], "argument --async-output: invalid choice: 'yes'"),
 ])
 def test_bad_model_flag_fails_before_the_model_loads(no_load, capsys, flags, message):
     with pytest.raises(SystemExit) as e:

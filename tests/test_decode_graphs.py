@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture, make_checkpoint
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.decode_graphs import DecodeGraphs, batch_buckets
 
@@ -22,11 +22,7 @@ def test_buckets():
     assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("graph_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 def make(ckpt, padded: bool, **kw):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.async_llm import AsyncLLM, EngineDeadError
 from qwen2_triton.runtime.request import EngineCoreOutput
@@ -17,11 +17,7 @@ from qwen2_triton.runtime.request import EngineCoreOutput
 ENGINE = dict(device="cpu", kernels="torch", progress=False, max_model_len=256, max_num_seqs=4)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("frontends_ckpt"))
-    make_checkpoint(path, "qwen2-1.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture("qwen2-1.5b")
 
 
 @pytest.fixture(scope="module")

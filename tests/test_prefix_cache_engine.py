@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from qwen2_triton import LLM, SamplingParams
 
 
@@ -16,11 +16,7 @@ from qwen2_triton import LLM, SamplingParams
 CPU = dict(device="cpu", kernels="torch", progress=False, max_model_len=512, block_size=8)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("prefix_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 @pytest.fixture(scope="module")

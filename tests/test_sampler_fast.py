@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.sampler import (SamplingTensors, apply_penalties, draw, exponential_noise,
                                          filter_logits, make_plan, sample, window_width)
@@ -260,11 +260,7 @@ def test_token_history_rows_give_the_dense_penalties():
 
 
 # -------------------------------------------------------------------------------------------------- the engine
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("fast_sampler_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir, rng_seed=3)
-    return path
+ckpt = checkpoint_fixture("qwen2-0.5b", rng_seed=3)
 
 
 def test_settings_are_sent_once_per_batch_and_counters_survive_preemption(ckpt):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.block_manager import BlockManager
 from qwen2_triton.runtime.sampling_params import SamplingParams as SP
@@ -11,11 +11,7 @@ from qwen2_triton.runtime.scheduler import Scheduler
 from qwen2_triton.runtime.sequence import Sequence
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("sched_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 def test_pool_exhaustion_preempts_and_recomputes_without_changing_results(ckpt):

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from live_server import running_server, wait_until
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.async_llm import AsyncLLM
@@ -22,11 +22,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 ENGINE = dict(device="cpu", kernels="torch", progress=False, max_model_len=256, max_num_seqs=8)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("server_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.async_llm import AsyncLLM
 from qwen2_triton.runtime.engine_config import EngineConfig
@@ -16,11 +16,7 @@ ENGINE = dict(device="cpu", kernels="torch", progress=False, max_model_len=128, 
               max_num_batched_tokens=32)  # prompts are chunked and steps mix prefill with decodes
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("step_loop_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 @pytest.fixture(scope="module")

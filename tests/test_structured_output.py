@@ -11,7 +11,7 @@ import threading
 import jsonschema
 import pytest
 
-from checkpoints import make_checkpoint
+from checkpoints import checkpoint_fixture
 from qwen2_triton import LLM, SamplingParams
 from qwen2_triton.runtime.structured_output import (SCHEMA_OPTIONS, StructuredOutput, StructuredOutputManager,
                                                     check_structured_output)
@@ -32,11 +32,7 @@ SEEDS = (0, 1, 2)
 MAX_TOKENS = 150  # well above the outputs' length, and fits the tight pool of the preemption test
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("so_ckpt"))
-    make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir)
-    return path
+ckpt = checkpoint_fixture()
 
 
 @pytest.fixture(scope="module")
