@@ -5,7 +5,9 @@
 
 Per model, in one run: batch-1 decode tokens/s with CUDA graphs and eager, and the bandwidth that implies
 (bytes of weights read per token x tokens/s, as gpt-fast reports it); prefill tokens/s at 1k/4k/16k; offline
-throughput for 256 requests x (512 prompt, 512 output); and the peer, HF transformers on the same shapes (eager,
+throughput for 256 requests x (512 prompt, 512 output), with async output (runtime/step_loop.py) as the engine
+chose it and off (async_output_x: the overlap's gain; detokenizing is real when $QWEN2_TRITON_TOKENIZER_DIR names
+the Qwen tokenizer, as in the GPU kit); and the peer, HF transformers on the same shapes (eager,
 and static cache + torch.compile), batch-1 decode. Each row also carries the ratios (graphs over eager, ours over
 each peer), decode GB/s as a fraction of the GPU's peak bandwidth (PEAK_GB_S), and the attention tiles the
 kernel plan used (tuned, cached or heuristic). Quantized models (bench/e2e_quant.py) add rows of batch-1 decode
@@ -90,7 +92,18 @@ def random_llm(name: str, dtype, device, tiny: bool, tensor_parallel_size: int =
             p.normal_(0, 0.02, generator=g)
     if edit is not None:
         edit(model)
-    return LLM(LoadedModel(model, _NoText(), {}, (), name), progress=False, **kw)
+    return LLM(LoadedModel(model, bench_tokenizer(), {}, (), name), progress=False, **kw)
+
+
+def bench_tokenizer():
+    """The Qwen tokenizer when $QWEN2_TRITON_TOKENIZER_DIR names one (the GPU kit carries it), so the offline run
+    detokenizes as serving does; else a stand-in without text."""
+    path = os.environ.get("QWEN2_TRITON_TOKENIZER_DIR")
+    if not path:
+        return _NoText()
+    from qwen2_triton.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
 
 
 def weight_bytes(llm) -> int:
@@ -217,8 +230,12 @@ def main(argv=None) -> int:
         row["decode_graph_GB_s"] = row["weights_GB"] * row["decode_graph_tok_s"]
         for n in (int(x) for x in a.prefill.split(",")):
             row[f"prefill_{n}_tok_s"] = prefill_tps(graph, min(n, kw["max_num_batched_tokens"]), device)
-        row["offline_out_tok_s"] = offline_tps(graph, a.requests if not a.tiny else 8, 512 if not a.tiny else 16,
-                                               512 if not a.tiny else 16, device)
+        offline = (a.requests if not a.tiny else 8, 512 if not a.tiny else 16, 512 if not a.tiny else 16)
+        row["offline_out_tok_s"] = offline_tps(graph, *offline, device)
+        overlap, graph.loop.overlap = graph.loop.overlap, False  # async output off: outputs between steps
+        row["offline_sync_out_tok_s"] = offline_tps(graph, *offline, device)
+        graph.loop.overlap = overlap
+        row["async_output"] = overlap
         graph.close()  # (tensor parallel: one process group at a time)
         del graph
         eager = random_llm(name, dtype, device, a.tiny, enforce_eager=True, **kw)
@@ -274,6 +291,7 @@ def _ratios(row: dict, peak: float | None) -> None:
     GPU's memory bandwidth that batch-1 decode reaches."""
     g = row["decode_graph_tok_s"]
     row["graph_over_eager"] = g / row["decode_eager_tok_s"]
+    row["async_output_x"] = row["offline_out_tok_s"] / row["offline_sync_out_tok_s"]  # 1 where it is off (CPU)
     for peer in ("hf_eager", "hf_compile"):
         if row.get(f"{peer}_tok_s"):
             row[f"over_{peer}"] = g / row[f"{peer}_tok_s"]

@@ -15,7 +15,8 @@ def test_shapes_are_the_releases():
     assert set(SHAPES) == {"qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-4b"}
 
 
-def test_tiny_run_writes_a_row(tmp_path):
+def test_tiny_run_writes_a_row(tmp_path, monkeypatch, qwen_tokenizer_dir):
+    monkeypatch.setenv("QWEN2_TRITON_TOKENIZER_DIR", qwen_tokenizer_dir)  # the offline run detokenizes for real
     out = tmp_path / "e2e.csv"
     assert main(["--tiny", "--models", "qwen2-1.5b", "--decode-tokens", "8", "--prefill", "64", "--out",
                  str(out)]) == 0
@@ -23,10 +24,22 @@ def test_tiny_run_writes_a_row(tmp_path):
     # The plumbing, not the timings: on a busy CPU a 9-token difference of timings can be noise (then nan).
     assert row["model"] == "qwen2-1.5b" and row["gpu"] and row["torch"] and row["triton"] and row["date"]
     for col in ("decode_graph_tok_s", "decode_eager_tok_s", "hf_eager_tok_s", "prefill_64_tok_s",
-                "offline_out_tok_s", "graph_over_eager", "over_hf_eager"):
+                "offline_out_tok_s", "offline_sync_out_tok_s", "async_output_x", "graph_over_eager",
+                "over_hf_eager"):
         value = float(row[col])  # a number or nan, never missing
         assert value > 0 or value != value, (col, row[col])
     assert float(row["weights_GB"]) >= 0  # tiny shapes: well under the 0.01 GB the CSV rounds to
+    assert row["async_output"] == "False"  # the engine's choice on the CPU; the second offline run turns it off
+
+
+def test_bench_tokenizer_is_the_qwen_one_when_named(monkeypatch, qwen_tokenizer_dir):
+    from qwen2_triton.bench.e2e import _NoText, bench_tokenizer
+
+    monkeypatch.delenv("QWEN2_TRITON_TOKENIZER_DIR", raising=False)
+    assert isinstance(bench_tokenizer(), _NoText)
+    monkeypatch.setenv("QWEN2_TRITON_TOKENIZER_DIR", qwen_tokenizer_dir)
+    tok = bench_tokenizer()
+    assert tok.decode(tok.encode("def f(x):")) == "def f(x):"
 
 
 def test_in_memory_model_keeps_its_dtype():
