@@ -6,7 +6,9 @@
 #   bench_ops        kernel microbenchmarks: RMSNorm, SwiGLU, rotary (vs torch eager and torch.compile)
 #   bench_attention  prefill and decode attention (vs SDPA), TFLOP/s and GB/s
 #   bench_quant      weight-only int4/int8 linear vs bf16 cuBLAS at Qwen2-7B's projections, M 1/8/256/2048
-#   bench_e2e        the end-to-end benchmark (release shapes, graphs vs eager)
+#   bench_e2e_small  the end-to-end benchmark (release shapes: graphs vs eager, prefill, offline with async
+#                    output on and off, HF as the peer) for Qwen2-0.5B and 1.5B
+#   bench_e2e_large  the same for Qwen2-7B and Qwen1.5-4B (bench_e2e: both parts, one after the other)
 #   bench_e2e_quant  Qwen2-7B batch-1 decode with random int4 / int8 packed weights vs bf16 (over_dense)
 #
 #   OUT=$OUT bash scripts/gpu_session.sh [PART ...]     (no PART: all, in the order above)
@@ -17,8 +19,8 @@
 # $OUT/roofline.txt lists per kernel and shape the Triton row's fraction of its roofline (frac_roofline: of the
 # measured copy bandwidth for memory-bound kernels, of the GPU's dense bf16 peak for prefill attention).
 # Suggested calls, one device call each: "env tests_kernels", "tests_rest", "bench_ops bench_attention",
-# "bench_e2e", "bench_quant", "bench_e2e_quant" (the last two not yet timed on a GPU: estimated at 1-3 minutes
-# each, they get a call of their own until a session has seen them fit together).
+# "bench_e2e_small", "bench_e2e_large", "bench_quant", "bench_e2e_quant" (the e2e and quant parts are not yet
+# timed on a GPU: each gets a call of its own until a session has seen them fit together).
 #
 # Prepare here (no GPU needed), once:
 #   echo /.gpu/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
@@ -96,20 +98,27 @@ part() {
       run_part bench_quant python3 -m pytest bench/test_bench_kernels.py -q -p no:cacheprovider \
         --import-mode=importlib -k quant_linear
       roofline ;;
+    bench_e2e_small)
+      run_part bench_e2e_small python3 -m qwen2_triton.cli bench e2e --models qwen2-0.5b,qwen2-1.5b \
+        --out bench/results/e2e.csv ;;
+    bench_e2e_large)
+      run_part bench_e2e_large python3 -m qwen2_triton.cli bench e2e --models qwen2-7b,qwen1.5-4b \
+        --out bench/results/e2e.csv ;;
     bench_e2e)
-      run_part bench_e2e python3 -m qwen2_triton.cli bench e2e --out bench/results/e2e.csv ;;
+      part bench_e2e_small
+      part bench_e2e_large ;;
     bench_e2e_quant)
       run_part bench_e2e_quant python3 -m qwen2_triton.cli bench e2e --quant-only --models qwen2-7b \
         --quant-random int4,int8 --out bench/results/e2e.csv ;;
     *)
-      echo "unknown part '$1' (env tests_kernels tests_rest bench_ops bench_attention bench_quant bench_e2e" \
-        "bench_e2e_quant)" | tee -a "$OUT/parts.txt"
+      echo "unknown part '$1' (env tests_kernels tests_rest bench_ops bench_attention bench_quant" \
+        "bench_e2e_small bench_e2e_large bench_e2e bench_e2e_quant)" | tee -a "$OUT/parts.txt"
       return 2 ;;
   esac
 }
 
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(env tests_kernels tests_rest bench_ops bench_attention bench_quant bench_e2e \
-  bench_e2e_quant)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(env tests_kernels tests_rest bench_ops bench_attention bench_quant \
+  bench_e2e_small bench_e2e_large bench_e2e_quant)
 for p in "${PARTS[@]}"; do part "$p"; done
 exit 0
