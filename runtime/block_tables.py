@@ -37,7 +37,7 @@ class DeviceBlockTables:
         """The sequence left the running set (finished or preempted: a preempted one comes back with other
         blocks), so no row may keep its table."""
         row = self._row_of.pop(seq_id, None)
-        if row is not None:
+        if row is not None and self._owner[row] == seq_id:
             self._owner[row] = None
 
     def update(self, seq_ids: list, tables: list[list[int]], rows: int | None = None) -> torch.Tensor:
@@ -52,10 +52,10 @@ class DeviceBlockTables:
             self.table[dst] = self.table[src]  # the gather copies first: overlapping moves are safe
             self.moves += len(moves)
             moved = [(owner[j], length[j]) for j in src]
-            for i, j in moves:
+            for j in src:
                 owner[j] = None
             for i, (sid, n) in zip(dst, moved):
-                owner[i], length[i], row_of[sid] = sid, n, i
+                self._own(i, sid, n)
         idx, val = [], []
         mb = self.max_blocks
         for i in range(rows):

@@ -37,6 +37,17 @@ def test_growth_takeover_forget_and_padding():
     assert t.sent == 12
 
 
+def test_a_row_taken_by_a_move_is_not_cleared_by_its_old_owner():
+    """A caller that never forgot sequence 1 (tensor-parallel workers see fresh ids each step): 2 moves into 1's
+    row, and forgetting 1 afterwards must leave 2's table alone."""
+    t = DeviceBlockTables(rows=3, max_blocks=4, device=torch.device("cpu"))
+    t.update([1, 2], [[5], [6]])
+    t.update([2], [[6]])
+    t.forget(1)
+    t.update([2], [[6, 7]])
+    assert t.moves == 1 and t.sent == 3 and rows_hold(t, [[6, 7]])
+
+
 def test_eager_steps_send_each_block_once(tmp_path, qwen_tokenizer_dir):
     """Chunked prefills mixed with decodes (all eager on the CPU): the entries sent are exactly the blocks the
     requests held (rows that shift when a request finishes move on the device), not a (B, width) table per step,
