@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tuning_fakes import fake_timer
 from qwen2_triton.kernels import launch
 from qwen2_triton.runtime import tuning
 from qwen2_triton.runtime.kernel_plan import AttentionShape, DeviceInfo, attention_keys, choose_dtype, \
@@ -63,17 +64,6 @@ def test_shared_memory_decides_the_candidates():
 
 
 # ------------------------------------------------------------------------------------------------ tune()
-def _timer(times: dict, calls: list | None = None):
-    def time_ms(cfg):
-        if calls is not None:
-            calls.append(cfg)
-        t = times[config_label(cfg)]
-        if isinstance(t, Exception):
-            raise t
-        return t
-    return time_ms
-
-
 CANDS = launch.decode_candidates(64, torch.bfloat16, 7, 90)
 
 
@@ -81,14 +71,14 @@ def test_tune_picks_the_fastest_and_caches_it(tmp_path):
     cache = TuningCache(tmp_path / "t.json")
     times = {config_label(c): 1.0 + i for i, c in enumerate(CANDS)}
     times[config_label(CANDS[3])] = 0.5
-    r = tune("gpu|sm_90|triton x|decode|b", CANDS, _timer(times), cache)
+    r = tune("gpu|sm_90|triton x|decode|b", CANDS, fake_timer(times), cache)
     assert (r.config, r.source) == (CANDS[3], "tuned") and "0.5000 ms vs 1.0000 ms for the default" in r.detail
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["gpu|sm_90|triton x|decode|b"]["config"]["BLOCK_N"] == CANDS[3].BLOCK_N
     assert len(saved["gpu|sm_90|triton x|decode|b"]["timings"]) == len(CANDS)
     # a restart: a fresh cache object on the same file answers without timing anything
     calls = []
-    again = tune("gpu|sm_90|triton x|decode|b", CANDS, _timer(times, calls), TuningCache(tmp_path / "t.json"))
+    again = tune("gpu|sm_90|triton x|decode|b", CANDS, fake_timer(times, calls), TuningCache(tmp_path / "t.json"))
     assert (again.config, again.source, calls) == (CANDS[3], "cache", [])
 
 
@@ -97,7 +87,7 @@ def test_other_gpu_or_triton_version_tunes_again(tmp_path):
     times = {config_label(c): 1.0 + i for i, c in enumerate(CANDS)}
     info = DeviceInfo.assume("sm_90")
     keys = attention_keys(info, torch.bfloat16, SHAPE_05B)
-    tune(keys["decode"], CANDS, _timer(times), cache)
+    tune(keys["decode"], CANDS, fake_timer(times), cache)
     other_gpu = attention_keys(DeviceInfo.assume("sm_80"), torch.bfloat16, SHAPE_05B)["decode"]
     other_shape = attention_keys(info, torch.bfloat16, AttentionShape(28, 4, 128, 16))["decode"]
     other_triton = tuning.tuning_key(info.name, 90, "0.0", "decode", keys["decode"].split("|")[-1])
@@ -105,13 +95,13 @@ def test_other_gpu_or_triton_version_tunes_again(tmp_path):
     other_source = keys["decode"].replace(tuning.kernel_source_hash("decode"), "00000000")
     for key in (other_gpu, other_shape, other_triton, other_source):
         calls = []
-        assert tune(key, CANDS, _timer(times, calls), cache).source == "tuned" and len(calls) == len(CANDS)
+        assert tune(key, CANDS, fake_timer(times, calls), cache).source == "tuned" and len(calls) == len(CANDS)
 
 
 def test_noise_does_not_replace_the_default(tmp_path):
     times = {config_label(c): 1.0 for c in CANDS}
     times[config_label(CANDS[2])] = 0.98  # 2% faster: within MIN_GAIN
-    r = tune("k", CANDS, _timer(times), TuningCache(tmp_path / "t.json"))
+    r = tune("k", CANDS, fake_timer(times), TuningCache(tmp_path / "t.json"))
     assert r.config == CANDS[0] and r.source == "tuned"
 
 
@@ -121,11 +111,11 @@ def test_candidates_that_do_not_fit_are_skipped(tmp_path):
     times = {config_label(c): 2.0 for c in CANDS}
     times[config_label(CANDS[0])] = OutOfResources(300000, 232448, "shared memory")
     times[config_label(CANDS[1])] = 1.5
-    r = tune("k", CANDS, _timer(times), TuningCache(tmp_path / "t.json"))
+    r = tune("k", CANDS, fake_timer(times), TuningCache(tmp_path / "t.json"))
     assert r.config == CANDS[1] and f"skipped {config_label(CANDS[0])}: OutOfResources" in r.detail
     none = {config_label(c): OutOfResources(1, 0, "shared memory") for c in CANDS}
     with pytest.raises(RuntimeError, match="none of the 6 attention tile candidates .* OutOfResources"):
-        tune("gpu|sm_90|triton x|decode|b", CANDS, _timer(none), TuningCache(tmp_path / "u.json"))
+        tune("gpu|sm_90|triton x|decode|b", CANDS, fake_timer(none), TuningCache(tmp_path / "u.json"))
     assert not (tmp_path / "u.json").exists()
 
 
@@ -133,7 +123,7 @@ def test_a_bug_in_a_candidate_is_not_swallowed(tmp_path):
     times = {config_label(c): 1.0 for c in CANDS}
     times[config_label(CANDS[1])] = RuntimeError("CUDA error: an illegal memory access was encountered")
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        tune("k", CANDS, _timer(times), TuningCache(tmp_path / "t.json"))
+        tune("k", CANDS, fake_timer(times), TuningCache(tmp_path / "t.json"))
 
 
 def test_stale_or_corrupt_cache_is_tuned_again(tmp_path, capsys):
@@ -141,12 +131,12 @@ def test_stale_or_corrupt_cache_is_tuned_again(tmp_path, capsys):
     path.write_text(json.dumps({"k": {"config": {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 1, "num_stages": 9}}}))
     times = {config_label(c): 1.0 + i for i, c in enumerate(CANDS)}
     calls = []
-    r = tune("k", CANDS, _timer(times, calls), TuningCache(path))  # cached choice no longer a candidate
+    r = tune("k", CANDS, fake_timer(times, calls), TuningCache(path))  # cached choice no longer a candidate
     assert r.source == "tuned" and len(calls) == len(CANDS)
     path.write_text('{"k": {"config": ')  # cut short
     cache = TuningCache(path)
     assert "unreadable" in cache.problem and "unreadable" in capsys.readouterr().err
-    assert tune("k", CANDS, _timer(times), cache).source == "tuned"
+    assert tune("k", CANDS, fake_timer(times), cache).source == "tuned"
     assert json.loads(path.read_text())["k"]["config"]["BLOCK_N"] == CANDS[0].BLOCK_N  # rewritten whole
 
 
@@ -156,7 +146,7 @@ def test_cached_entry_with_wrong_types_is_not_used(tmp_path):
     path.write_text(json.dumps({"k": {"config": {"BLOCK_M": 16.0, "BLOCK_N": 64.0, "num_warps": 4,
                                                  "num_stages": 2, "dot_precision": "tf32"}}}))
     calls = []
-    r = tune("k", CANDS, _timer({config_label(c): 1.0 for c in CANDS}, calls), TuningCache(path))
+    r = tune("k", CANDS, fake_timer({config_label(c): 1.0 for c in CANDS}, calls), TuningCache(path))
     assert r.source == "tuned" and len(calls) == len(CANDS) and type(r.config.BLOCK_M) is int
 
 
@@ -169,15 +159,15 @@ def test_no_home_directory_keeps_tunings_in_memory(monkeypatch, capsys):
     cache = TuningCache()
     assert cache.path is None and "QWEN2_TRITON_CACHE" in capsys.readouterr().err
     times = {config_label(c): 1.0 + i for i, c in enumerate(CANDS)}
-    assert tune("k", CANDS, _timer(times), cache).source == "tuned"
-    assert tune("k", CANDS, _timer({}), cache).source == "cache"  # remembered for this process
+    assert tune("k", CANDS, fake_timer(times), cache).source == "tuned"
+    assert tune("k", CANDS, fake_timer({}), cache).source == "cache"  # remembered for this process
 
 
 def test_unwritable_cache_keeps_serving(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     times = {config_label(c): 1.0 + i for i, c in enumerate(CANDS)}
-    r = tune("k", CANDS, _timer(times), TuningCache(blocker / "sub" / "t.json"))  # parent is a file
+    r = tune("k", CANDS, fake_timer(times), TuningCache(blocker / "sub" / "t.json"))  # parent is a file
     assert r.source == "tuned" and "could not write the tuning cache" in capsys.readouterr().err
 
 
@@ -186,14 +176,14 @@ def test_plan_tunes_on_a_gpu_and_reuses_the_cache(tmp_path):
     info = DeviceInfo.assume("sm_90")
     pre = launch.prefill_candidates(64, torch.bfloat16, 90)
     dec = launch.decode_candidates(64, torch.bfloat16, 7, 90)
-    timers = {"prefill": _timer({config_label(c): (0.1 if c == pre[2] else 1.0) for c in pre}),
-              "decode": _timer({config_label(c): 1.0 for c in dec})}
+    timers = {"prefill": fake_timer({config_label(c): (0.1 if c == pre[2] else 1.0) for c in pre}),
+              "decode": fake_timer({config_label(c): 1.0 for c in dec})}
     cache = TuningCache(tmp_path / "t.json")
     plan = plan_kernels(info, torch.bfloat16, "triton", SHAPE_05B, tune_now=True, cache=cache, timers=timers)
     assert plan.prefill.config == pre[2] and plan.decode.config == dec[0]
     text = "\n".join(plan.describe())
     assert "H100" in text and f"prefill attention tiles {config_label(pre[2])}" in text
-    boom = {"prefill": _timer({}), "decode": _timer({})}  # any timing would raise KeyError
+    boom = {"prefill": fake_timer({}), "decode": fake_timer({})}  # any timing would raise KeyError
     again = plan_kernels(info, torch.bfloat16, "triton", SHAPE_05B, tune_now=True,
                          cache=TuningCache(tmp_path / "t.json"), timers=boom)
     assert again.prefill.source == again.decode.source == "cache" and again.prefill.config == pre[2]

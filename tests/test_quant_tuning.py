@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tuning_fakes import fake_timer
 from qwen2_triton.kernels import gguf_linear as gguf_mod
 from qwen2_triton.kernels import quant_linear as quant_mod
 from qwen2_triton.kernels.gguf_linear import FusedGGUFWeight, gguf_linear, gguf_linear_ref
@@ -27,17 +28,6 @@ Q6K = QuantShape("Q6_K", 6, 16, 40, 256)
 ATTN = AttentionShape(14, 2, 64, 16)
 
 
-def _timer(times: dict, calls: list | None = None):
-    def time_ms(cfg):
-        if calls is not None:
-            calls.append(cfg)
-        t = times[config_label(cfg)]
-        if isinstance(t, Exception):
-            raise t
-        return t
-    return time_ms
-
-
 def _fake_timers(shapes, pick: dict, calls: list | None = None):
     """Per (shape, launch): the default 1.0 ms, the others 1.5, except ``pick[(shape, launch)] = (index, ms)``."""
     timers = {}
@@ -48,7 +38,7 @@ def _fake_timers(shapes, pick: dict, calls: list | None = None):
             if (s, launch) in pick:
                 i, ms = pick[s, launch]
                 times[config_label(c[i])] = ms
-            timers[s, launch] = _timer(times, calls)
+            timers[s, launch] = fake_timer(times, calls)
     return timers
 
 
@@ -118,7 +108,7 @@ def test_a_candidate_that_cannot_compile_is_skipped(tmp_path):
     times[config_label(c[1])] = OutOfResources(300000, 232448, "shared memory")
     times[config_label(c[2])] = 0.7
     timers = _fake_timers({INT4: None}, {})
-    timers[INT4, "decode"] = _timer(times)
+    timers[INT4, "decode"] = fake_timer(times)
     results, _ = plan_quant(H100, torch.bfloat16, {INT4: None}, tune_now=True, cache=TuningCache(tmp_path / "t.json"),
                             timers=timers)
     r = results[INT4, "decode"]
@@ -126,7 +116,7 @@ def test_a_candidate_that_cannot_compile_is_skipped(tmp_path):
 
 
 def test_no_timing_without_a_gpu_or_with_tuning_off(tmp_path):
-    boom = {(s, launch): _timer({}) for s in (INT4,) for launch in LAUNCH_ROWS}  # any timing: KeyError
+    boom = {(s, launch): fake_timer({}) for s in (INT4,) for launch in LAUNCH_ROWS}  # any timing: KeyError
     for info, tune_now, why in ((DeviceInfo("cpu", "CPU (test)"), True, "no GPU"), (H100, False, "tuning off")):
         results, cands = plan_quant(info, torch.bfloat16, {INT4: None}, tune_now=tune_now,
                                     cache=TuningCache(tmp_path / "t.json"), timers=boom)
