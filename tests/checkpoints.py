@@ -106,8 +106,8 @@ def checkpoint_fixture(seed: str = "qwen2-0.5b", **kw):
     import pytest
 
     @pytest.fixture(scope="module")
-    def ckpt(tmp_path_factory, qwen_tokenizer_dir):
-        path = str(tmp_path_factory.mktemp(f"{seed}_ckpt"))
+    def ckpt(module_tmp, qwen_tokenizer_dir):
+        path = module_tmp(f"{seed}_ckpt")
         make_checkpoint(path, seed, qwen_tokenizer_dir, **kw)
         return path
 

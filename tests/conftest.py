@@ -50,3 +50,21 @@ def demo_gguf():
         if os.environ.get("QWEN2_TRITON_REQUIRE_DEMO"):  # CI installs the parts: their absence is a failure
             raise
         pytest.skip(f"demo model parts not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """``module_tmp(name) -> str``: a fresh directory that lives as long as the test module. The tiny checkpoints
+    weigh 80-290 MB each (151936 vocabulary rows in float32), so a module's are removed when it ends rather than
+    kept to the end of the run (which once filled the CI machine's disk)."""
+    import shutil
+
+    made = []
+
+    def mktemp(name: str) -> str:
+        made.append(tmp_path_factory.mktemp(name))
+        return str(made[-1])
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)

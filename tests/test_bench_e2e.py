@@ -75,9 +75,9 @@ def test_decode_rate_reports_a_noise_dominated_difference_as_nan(caplog):
 
 # ------------------------------------------------------------------------------------------------ quantized rows
 @pytest.fixture(scope="module")
-def gptq_int4(tmp_path_factory, qwen_tokenizer_dir):
+def gptq_int4(module_tmp, qwen_tokenizer_dir):
     """tests/data/quant's symmetric GPTQ int4 fixture with the Qwen tokenizer files LLM reads from the directory."""
-    path = tmp_path_factory.mktemp("gptq-int4")
+    path = module_tmp("gptq-int4")
     shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "quant", "gptq-int4-g128-sym"), path,
                     dirs_exist_ok=True)
     shutil.copytree(qwen_tokenizer_dir, path, dirs_exist_ok=True)

@@ -31,13 +31,13 @@ def long_prompt(tokenizer, n_min=300) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ckpt_factory(tmp_path_factory, qwen_tokenizer_dir):
+def ckpt_factory(module_tmp, qwen_tokenizer_dir):
     cache = {}
 
     def make(seed, yarn=False, legacy=False, shards=False):
         key = (seed, yarn, legacy, shards)
         if key not in cache:
-            path = str(tmp_path_factory.mktemp("ckpt"))
+            path = module_tmp("ckpt")
             cache[key] = (path, make_checkpoint(path, seed, qwen_tokenizer_dir, yarn=yarn, legacy_layout=legacy,
                                                 shards=shards, rng_seed=hash(key) % 1000))
         return cache[key]

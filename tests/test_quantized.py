@@ -24,13 +24,13 @@ TOL = 2e-3  # prompt log-probs in float32, as tests/test_model_vs_hf.py asks of 
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, qwen_tokenizer_dir):
+def checkpoint(module_tmp, qwen_tokenizer_dir):
     """A fixture copied next to the Qwen tokenizer files (LLM reads them from the model directory); ``edit``
     rewrites config.json's quantization_config (a function of it) and the tensors (a function of the dict)."""
     n = iter(range(10_000))
 
     def make(name, edit_config=None, edit_tensors=None):
-        path = str(tmp_path_factory.mktemp(f"{name}-{next(n)}"))
+        path = module_tmp(f"{name}-{next(n)}")
         shutil.copytree(os.path.join(DATA, name), path, dirs_exist_ok=True)
         for f in os.listdir(qwen_tokenizer_dir):
             shutil.copy(os.path.join(qwen_tokenizer_dir, f), path)

@@ -27,11 +27,11 @@ TOL = 5e-5
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, qwen_tokenizer_dir):
+def ckpt(module_tmp, qwen_tokenizer_dir):
     """(path, HF model with YaRN, HF model with the same weights and rope_scaling removed)."""
     from transformers import Qwen2ForCausalLM
 
-    path = str(tmp_path_factory.mktemp("yarn256"))
+    path = module_tmp("yarn256")
     hf_yarn = make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir, yarn=True, yarn_original=ORIGINAL, rng_seed=5)
     hf_plain = Qwen2ForCausalLM(hf_config("qwen2-0.5b")).eval()
     hf_plain.load_state_dict(hf_yarn.state_dict())

@@ -144,8 +144,8 @@ def test_every_draw_lies_in_the_support_over_many_seeds():
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("sampling_ckpt"))
+def llm(module_tmp, qwen_tokenizer_dir):
+    path = module_tmp("sampling_ckpt")
     make_checkpoint(path, "qwen2-1.5b", qwen_tokenizer_dir)
     return LLM(path, dtype="float32", device="cpu", kernels="torch", progress=False, max_model_len=1024)
 
@@ -238,8 +238,8 @@ def test_default_max_tokens_is_clamped_to_the_context(tmp_path, qwen_tokenizer_d
 
 
 @pytest.fixture(scope="module")
-def ckpt_and_hf(tmp_path_factory, qwen_tokenizer_dir):
-    path = str(tmp_path_factory.mktemp("penalty_ckpt"))
+def ckpt_and_hf(module_tmp, qwen_tokenizer_dir):
+    path = module_tmp("penalty_ckpt")
     return path, make_checkpoint(path, "qwen2-0.5b", qwen_tokenizer_dir, rng_seed=7)
 
 

@@ -35,12 +35,12 @@ DEADLINE_S = 60  # a failure must surface well within this (gloo sees a dead pee
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, qwen_tokenizer_dir):
+def ckpts(module_tmp, qwen_tokenizer_dir):
     cache = {}
 
     def make(seed):
         if seed not in cache:
-            path = str(tmp_path_factory.mktemp(f"tp-{seed}"))
+            path = module_tmp(f"tp-{seed}")
             cache[seed] = (path, make_checkpoint(path, seed, qwen_tokenizer_dir, rng_seed=7))
         return cache[seed]
 
