@@ -2,7 +2,8 @@
 
 A handful, to keep the check's time small: each type's constexpr set (Q8_0: 8-bit words; Q5_0: a 1-bit high plane;
 Q4_K: the min path; Q6_K: a 2-bit high plane and 16-row scales) at batch-1 decode (split-K; M=1 is a Triton
-constant) and a 256-row prefill, in bf16; fp16 for Q4_K, the type with the most live tiles (scales, d, mins).
+constant), a 32-row small step (split-K, 32-row tiles; the K-quants) and a 256-row prefill, in bf16; fp16 for Q4_K,
+the type with the most live tiles (scales, d, mins).
 K-quants at Qwen2-7B's down_proj (K 18944 = 74 super-blocks: every Qwen2 K-quant K is a multiple of 256, so the
 specialisation is the same); Q5_0 / Q8_0 at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own layout.
 """
@@ -14,6 +15,7 @@ GGUF_DTYPES = {"bf16": ("Q8_0", "Q5_0", "Q4_K", "Q6_K"), "fp16": ("Q4_K",)}
 # The tuning candidates (gguf_candidates) beyond the heuristic: Q4_K (scales, d and mins live per tile) and Q6_K
 # (two planes, 16-row scales) in bf16, the types with the most registers under the default tiles.
 CANDIDATE_TYPES = {"bf16": ("Q4_K", "Q6_K")}
+SMALL_STEP_TYPES = ("Q4_K", "Q6_K")  # the 32-row tiles: the types with the most registers
 
 
 def gguf_variants(dtypes, cap: int | None = None) -> list:
@@ -38,7 +40,7 @@ def gguf_variants(dtypes, cap: int | None = None) -> list:
                            torch.empty(k // 256, n, dtype=torch.float16) if f.super_rows else None,
                            torch.empty(k // 256, n, dtype=torch.float16) if f.has_min else None, k, n)
             for cp in [cap] if cap is not None else sorted(QUANT_SM_COUNT):
-                for m in (1, 256):
+                for m in ((1, 32, 256) if qtype in SMALL_STEP_TYPES else (1, 256)):
                     x = torch.empty(m, k, dtype=tdt[dt])
                     b = torch.empty(n, dtype=tdt[dt]) if bias else None
                     sm = QUANT_SM_COUNT.get(cp, 132)

@@ -3,9 +3,10 @@ launcher.
 
 kernels/quant_linear.py through its launcher: the four projections of Qwen2-0.5B and 7B (between them every
 specialisation the 1.5B and 4B shapes give: N, K and the group all divisible by 16, one or several K tiles per
-split) at batch-1 decode (M=1 is a Triton constant), a 4-row decode for 7B and a 256-row prefill; int4 / int8,
-constant (symmetric) or loaded zeros, int4 with the act-order permutation. The split count depends on the SM
-count, so each arch is captured at its part's: A100 108, H100 132.
+split) at batch-1 decode (M=1 is a Triton constant), a 4-row decode for 7B, a 32-row small step (split-K with
+32-row tiles) for 7B in bf16 (fp16 tiles take the same registers) and a 256-row prefill; int4 / int8, constant
+(symmetric) or loaded zeros, int4 with the act-order permutation. The split count depends on the SM count, so
+each arch is captured at its part's: A100 108, H100 132.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def quant_variants(dtypes, cap: int | None = None) -> list:
             for hidden, inter, hq, hk, d in QUANT_SHAPES:
                 for k, n, bias in ((hidden, (hq + 2 * hk) * d, True), (hq * d, hidden, False),
                                    (hidden, 2 * inter, False), (inter, hidden, False)):
-                    for m in ((1, 4, 256) if hidden == 3584 else (1, 256)):
+                    for m in ((1, 4, 256) + ((32,) if dt == "bf16" else ()) if hidden == 3584 else (1, 256)):
                         for bits, sym, act in ((4, True, False), (4, False, False), (4, False, True),
                                                (8, True, False)):  # int8 asym: int4 asym's code, BITS=8
                             w = _empty_quant_weight(k, n, bits, sym, act)
@@ -41,7 +42,7 @@ def quant_variants(dtypes, cap: int | None = None) -> list:
     for cp in ([cap] if cap is not None else sorted(QUANT_SM_COUNT)) if "bf16" in dtypes else ():
         sm = QUANT_SM_COUNT.get(cp, 132)
         for k, n, bias in ((3584, 4608, True), (18944, 3584, False)):
-            for m in (1, 256):
+            for m in (1, 32, 256):
                 for bits, sym, act in ((4, False, True), (8, True, False)):
                     w = _empty_quant_weight(k, n, bits, sym, act)
                     x = torch.empty(m, k, dtype=torch.bfloat16)

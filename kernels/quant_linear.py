@@ -11,13 +11,16 @@ a group column streams at int4 g128). GPTQ act-order (desc_act) g_idx: rows are 
 groups are contiguous again, and the kernel reads x through that permutation (``perm``) instead of gathering
 scales per row.
 
-One kernel, two launch shapes (``quant_config``):
+One kernel, three launch shapes (``quant_config``):
 - decode (<= 8 rows): 16-row tiles (the smallest mma), split-K over the input dim so ~2 programs per SM stream
   the packed weights; each weight word is loaded once ((BLOCK_K / pack, BLOCK_N) words, unpacked to fields in
   registers: loading a word per row instead staged 8x the words, 90 KB of shared memory per program) and
   dequantized in registers; the fp32 partials [S, M, N] are summed after the launch (a torch reduction:
   deterministic and capturable; one more small launch per linear).
-- prefill: 32/64-row tiles, no split; the dequantized tile goes straight into the tensor-core dot.
+- small (9-32 rows, a mid-size decode batch): one 32-row tile, split-K as decode. Still a weight stream (32
+  rows do 64 FLOP per int4 byte, under the ~300 an H100 needs to be compute-bound), so it needs the programs
+  decode has: unsplit, 7B's o_proj / down_proj (N=3584) ran 28 programs on 132 SMs.
+- prefill (> 32 rows): 64-row tiles, no split; the dequantized tile goes straight into the tensor-core dot.
 The math is done in fp32 ((q - z) * s), rounded once to the activation dtype for the dot: bit-identical to the
 weights the torch path dequantizes at load (model/quantization.py), so the two paths differ only in summation.
 On a GPU the start-up plan (runtime/quant_tuning.py) may replace the heuristic by one of ``quant_candidates``,
@@ -190,7 +193,8 @@ class QuantConfig:
     num_stages: int
 
 
-DECODE_ROWS = 8  # up to this many rows (a decode batch) take the split-K launch
+DECODE_ROWS = 8  # up to this many rows (a decode batch) take the decode launch (16-row tiles, split K)
+SPLIT_ROWS = 32  # up to this many rows split K (the small launch: one 32-row tile)
 MAX_SPLIT_K = 16
 
 
@@ -210,8 +214,10 @@ def quant_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, sm
     decode (<= 8 rows): 16 x 64 x 128 tiles (4 KB of int4 words), 4 warps, 3 stages: 96-128 | 96-128 registers,
       32 KB shared (int8 40 KB), no spill; split-K to ~2 programs per SM (7B qkv, N=4608: 72 column tiles x 4
       splits on 132 SMs), at most MAX_SPLIT_K, at least one K tile per split.
-    prefill: 64 x 128 x 64 tiles (32 rows for short prompts), 8 warps, 3 stages: 128-187 | 80-109 registers,
-      33-49 KB shared; 4 warps hit 255 registers and spilled 8 B on sm_80 (asymmetric zeros).
+    small (9-32 rows): 32 x 128 x 64 tiles, 8 warps, 3 stages, split-K as decode (7B o_proj: 28 column tiles x
+      10 splits).
+    prefill: 64 x 128 x 64 tiles, 8 warps, 3 stages: 128-187 | 80-109 registers, 33-49 KB shared; 4 warps hit
+      255 registers and spilled 8 B on sm_80 (asymmetric zeros).
     float32 (tests, debugging): 16 x 32 x 32 tiles, "ieee" dots (no tf32: the oracle comparison is in fp32)."""
     if sm_count is None:
         block_m = min(64, max(16, triton.next_power_of_2(m)))
@@ -221,9 +227,9 @@ def quant_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, sm
     elif m <= DECODE_ROWS:
         block_m, block_n, block_k, warps, stages = 16, 64, _block_k(group_size, k, 128), 4, 3
     else:
-        block_m = 32 if m <= 32 else 64
+        block_m = 32 if m <= SPLIT_ROWS else 64
         block_n, block_k, warps, stages = 128, _block_k(group_size, k, 64), 8, 3
-    split = _split_k(n, k, block_n, block_k, sm_count, 2) if m <= DECODE_ROWS else 1
+    split = _split_k(n, k, block_n, block_k, sm_count, 2) if m <= SPLIT_ROWS else 1
     return QuantConfig(block_m, block_n, block_k, split, warps, stages)
 
 
@@ -238,9 +244,11 @@ def _split_k(n: int, k: int, block_n: int, block_k: int, sm_count: int | None, p
 # per SM for split-K). BLOCK_K is the largest power of two <= the cap that divides the group. Every one compiles
 # without a spill on sm_80 and sm_90 (kernels/compile_check.py quant and GGUF variants, triton 3.9). Decode:
 # 4 programs per SM (more weight loads in flight), 128-column tiles (the x tile read once per 128 columns; 8 warps
-# keep the unpacked fields at 64 per thread), a shorter K tile with a deeper pipeline. Prefill: 128-row tiles
-# (half the weight re-reads of 64), 64-column tiles with 4 warps (twice the programs).
+# keep the unpacked fields at 64 per thread), a shorter K tile with a deeper pipeline. Small: the 32-row tile
+# with 4 programs per SM, or 64-column tiles with 4 warps (twice the column tiles, fewer splits to sum). Prefill:
+# 128-row tiles (half the weight re-reads of 64), 64-column tiles with 4 warps (twice the programs).
 _DECODE_CANDIDATES = [(16, 64, 128, 4, 3, 4), (16, 128, 128, 8, 3, 2), (16, 64, 64, 4, 4, 2)]
+_SMALL_CANDIDATES = [(32, 128, 64, 8, 3, 4), (32, 64, 64, 4, 3, 2)]
 _PREFILL_CANDIDATES = [(128, 128, 64, 8, 3, 0), (64, 64, 64, 4, 3, 0)]
 
 
@@ -248,16 +256,18 @@ def quant_candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype
                      sm_count: int | None) -> list[QuantConfig]:
     """What runtime/quant_tuning.py times for an (M, N, K, group) launch on a GPU with ``sm_count`` SMs: the
     heuristic ``quant_config`` first (the choice when tuning is off), then the distinct alternatives of the launch
-    shape (decode: M <= DECODE_ROWS). fp32 (a test dtype) and no GPU (sm_count None): the heuristic alone. They
+    shape (decode: M <= DECODE_ROWS, small: M <= SPLIT_ROWS). fp32 (a test dtype) and no GPU (sm_count None): the
+    heuristic alone. They
     live here, beside the heuristic they extend and the group constraint on BLOCK_K, so kernels/gguf_linear.py
     takes the same list (launch.py would have to import this module's rules to build them)."""
     default = quant_config(m, n, k, group_size, dtype, sm_count)
     if sm_count is None or dtype == torch.float32:
         return [default]
     out = [default]
-    for bm, bn, bk, warps, stages, per_sm in (_DECODE_CANDIDATES if m <= DECODE_ROWS else _PREFILL_CANDIDATES):
+    table = _DECODE_CANDIDATES if m <= DECODE_ROWS else _SMALL_CANDIDATES if m <= SPLIT_ROWS else _PREFILL_CANDIDATES
+    for bm, bn, bk, warps, stages, per_sm in table:
         bk = _block_k(group_size, k, bk)
-        split = _split_k(n, k, bn, bk, sm_count, per_sm) if m <= DECODE_ROWS else 1
+        split = _split_k(n, k, bn, bk, sm_count, per_sm) if m <= SPLIT_ROWS else 1
         cfg = QuantConfig(bm, bn, bk, split, warps, stages)
         if cfg not in out:
             out.append(cfg)

@@ -151,7 +151,7 @@ class KernelPlan:
     prefill: TuneResult | None = None  # attention tiles; None with the torch backend
     decode: TuneResult | None = None
     candidates: dict[str, list[AttnConfig]] | None = None  # per kernel, what could be (or was) timed
-    # quantized linears (runtime/quant_tuning.py), keyed by (QuantShape, "decode" | "prefill")
+    # quantized linears (runtime/quant_tuning.py), keyed by (QuantShape, "decode" | "small" | "prefill")
     quant: dict[tuple, TuneResult] = field(default_factory=dict)
     quant_candidates: dict[tuple, list] = field(default_factory=dict)
 

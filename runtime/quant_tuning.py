@@ -6,6 +6,8 @@ projections and per launch shape, timed at these rows (``LAUNCH_ROWS``):
 - decode, M=1: every step of <= DECODE_ROWS (8) rows runs the same tiles (BLOCK_M 16 covers 8 rows) and the same
   split count (it depends on N, K and the SMs, not on M), and batch-1 decode is where a linear's weight stream is
   the whole step;
+- small, M=32: steps of 9 to SPLIT_ROWS (32) rows (a mid-size decode batch), one 32-row tile split over K as
+  decode; timed at its full 32 rows, the most x it reads;
 - prefill, M=256: more than one row tile for every candidate (the largest has 128 rows), so each is timed with
   full tiles as in a long prompt; a longer prompt only repeats them (and 256 rows of x are a few MB at most).
 Candidates: ``quant_candidates`` / ``gguf_candidates`` (the heuristic first), each compile-checked for sm_80 and
@@ -15,9 +17,7 @@ gguf_linear.prefill ...), the bucket naming the dtype, the shape, the timed rows
 No GPU, tune off or float32: the heuristic, nothing timed.
 How the choice reaches the launches: runtime/triton_backend.py ``TritonOps.use_plan`` keeps the choices that
 differ from the heuristic, keyed by (QuantShape, launch shape), and hands the weight's ``linear`` a lookup; a
-choice equal to the heuristic is not passed at all, so an untuned start launches exactly what it did before. The
-prefill choice serves every step of more than 8 rows (a 9-32-row step with a 64- or 128-row tile masks the extra
-rows: tensor-core cycles, not weight bytes).
+choice equal to the heuristic is not passed at all, so an untuned start launches exactly what it did before.
 """
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from qwen2_triton.kernels.gguf_linear import FORMATS, FusedGGUFWeight, GGUFWeight, gguf_candidates, gguf_linear
-from qwen2_triton.kernels.quant_linear import DECODE_ROWS, FusedQuantWeight, QuantWeight, quant_candidates, \
-    quant_linear
+from qwen2_triton.kernels.quant_linear import DECODE_ROWS, SPLIT_ROWS, FusedQuantWeight, QuantWeight, \
+    quant_candidates, quant_linear
 from qwen2_triton.runtime.tuning import TuneResult, TuningCache, config_label, source_hash, tune, tuning_key
 
 log = logging.getLogger(__name__)
 
-LAUNCH_ROWS = {"decode": 1, "prefill": 256}
+LAUNCH_ROWS = {"decode": 1, "small": 32, "prefill": 256}
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def shape_of(w: QuantWeight | GGUFWeight) -> QuantShape:
 
 
 def launch_of(m: int) -> str:
-    return "decode" if m <= DECODE_ROWS else "prefill"
+    return "decode" if m <= DECODE_ROWS else "small" if m <= SPLIT_ROWS else "prefill"
 
 
 def quant_shapes(params) -> dict[QuantShape, QuantWeight | GGUFWeight]:

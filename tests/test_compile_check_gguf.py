@@ -11,11 +11,12 @@ from qwen2_triton.kernels.compile_check_gguf import gguf_variants
 def test_variants_cover_every_type_with_fusion_off():
     vs = gguf_variants(["bf16", "fp16", "fp32"], 90)
     labels = {v.label for v in vs}
-    assert labels == {f"bf16 {q} M={m} K={k}" for q, k in (("Q8_0", 896), ("Q5_0", 896), ("Q4_K", 18944),
-                                                          ("Q6_K", 18944)) for m in (1, 256)} | \
-        {"fp16 Q4_K M=1 K=18944", "fp16 Q4_K M=256 K=18944"} | \
+    assert labels == {f"bf16 {q} M={m} K=896" for q in ("Q8_0", "Q5_0") for m in (1, 256)} | \
+        {f"bf16 {q} M={m} K=18944" for q in ("Q4_K", "Q6_K") for m in (1, 32, 256)} | \
+        {f"fp16 Q4_K M={m} K=18944" for m in (1, 32, 256)} | \
         {f"bf16 {q} M={m} K=18944 cand={t}" for q in ("Q4_K", "Q6_K")  # the tuning candidates past the default
-         for m, tiles in ((1, ("16x128x128w8s3", "16x64x64w4s4")), (256, ("128x128x64w8s3", "64x64x64w4s3")))
+         for m, tiles in ((1, ("16x128x128w8s3", "16x64x64w4s4")), (32, ("32x64x64w4s3",)),
+                          (256, ("128x128x64w8s3", "64x64x64w4s3")))
          for t in tiles}
     assert all(dict(v.options) == {"enable_fp_fusion": False} for v in vs)
 
@@ -26,9 +27,9 @@ def test_gguf_variants_compile_without_spills(capfd, tmp_path):
     out = capfd.readouterr().out
     assert rc == 0, out
     rows = [r for r in out.splitlines() if r.startswith("gguf_linear_kernel")]
-    assert len(rows) == 36 and all(r.rstrip().endswith("ok") for r in rows), out
+    assert len(rows) == 46 and all(r.rstrip().endswith("ok") for r in rows), out
     q4k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q4_K*.ptx"))
-    assert len(q4k) == 16  # the default and candidate tiles at M=1 and 256, bf16 and fp16, two archs
+    assert len(q4k) == 22  # the default and candidate tiles at M=1, 32 and 256, bf16 and fp16, two archs
     for path in q4k:
         with open(path) as f:
             ptx = f.read()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qwen2_triton.kernels.quant_linear import (FusedQuantWeight, QuantConfig, dequantize, pack_quant_weight,
-                                               pack_rows, quant_linear, quant_linear_ref, unpack_rows)
+                                               pack_rows, quant_config, quant_linear, quant_linear_ref, unpack_rows)
 from qwen2_triton.kernels.testing import poisoned_allocations
 
 # The kernel and the reference use the same rounded weights (fp32 product, one rounding to x's dtype) and differ
@@ -97,6 +97,20 @@ def test_a_wrong_zero_or_permutation_is_caught(device):
         got = quant_linear(x.to(device), _to(bad, device), None).cpu()
         assert not torch.allclose(got, ref, **TOL[torch.float32])
 
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 16, 32, 33, 256])
+@pytest.mark.parametrize("n,k", [(4608, 3584), (3584, 3584), (3584, 18944)], ids=["qkv", "o", "down"])
+def test_weight_streaming_steps_fill_an_h100(rows, n, k):
+    """Up to 32 rows a linear streams its weights (a mid-size decode batch): the heuristic puts the rows in one
+    row tile and splits K until there are >= 132 programs (an H100's SMs; unsplit, 7B's o_proj and down_proj ran
+    28). Past 32 rows, one split and 64-row tiles (prefill)."""
+    cfg = quant_config(rows, n, k, 128, torch.bfloat16, 132)
+    programs = -(-rows // cfg.BLOCK_M) * -(-n // cfg.BLOCK_N) * cfg.SPLIT_K
+    if rows <= 32:
+        assert cfg.BLOCK_M >= rows and programs >= 132 and cfg.SPLIT_K > 1, cfg
+    else:
+        assert cfg.SPLIT_K == 1 and cfg.BLOCK_M == 64, cfg
 
 def test_pack_rows_roundtrip_and_gptq_layout():
     codes = torch.randint(0, 16, (64, 5), dtype=torch.int32).to(torch.uint8)

@@ -44,7 +44,7 @@ def _fake_timers(shapes, pick: dict, calls: list | None = None):
 
 # ------------------------------------------------------------------------------------------- candidates
 @pytest.mark.parametrize("shape", [INT4, INT8, Q4K, Q6K], ids=lambda s: s.format)
-@pytest.mark.parametrize("launch,rows", [("decode", 3), ("prefill", 37)])
+@pytest.mark.parametrize("launch,rows", [("decode", 3), ("small", 19), ("prefill", 37)])
 def test_every_candidate_matches_the_reference(shape, launch, rows, device):
     """Each GPU candidate (an H100's split counts) through the launcher at a small odd shape, bf16."""
     cands = candidates(shape, launch, torch.bfloat16, H100.sm_count)
@@ -87,7 +87,7 @@ def test_the_fastest_wins_only_by_3_percent_and_is_cached(tmp_path):
     key = quant_key(H100, torch.bfloat16, INT4, "decode")
     assert key.startswith(f"{H100.name}|sm_90|triton ") and "|quant_linear.decode|bfloat16 int4+zeros+perm " in key
     assert saved[key]["config"] == {f: getattr(cands[INT4, "decode"][2], f) for f in QuantConfig.__annotations__}
-    assert len(saved) == 4
+    assert len(saved) == 6  # 2 shapes x 3 launch shapes
     # a second start on the same file: the cache answers, nothing is timed
     calls = []
     again, _ = plan_quant(H100, torch.bfloat16, shapes, tune_now=True, cache=TuningCache(tmp_path / "t.json"),
@@ -155,7 +155,8 @@ def test_the_chosen_config_is_what_the_kernel_is_launched_with(tmp_path, monkeyp
     params = {"a": w4, "b": FusedQuantWeight((w4, w8)), "c": FusedGGUFWeight((wq4, wq6)), "dense": torch.zeros(3)}
     shapes = quant_shapes(params)
     assert set(shapes) == {INT4, INT8, Q4K, q6k} and shapes[INT4] is w4
-    pick = {(INT4, "decode"): (2, 0.5), (INT4, "prefill"): (1, 0.5), (Q4K, "decode"): (1, 0.5)}
+    pick = {(INT4, "decode"): (2, 0.5), (INT4, "small"): (1, 0.5), (INT4, "prefill"): (1, 0.5),
+            (Q4K, "decode"): (1, 0.5)}
     plan = plan_kernels(H100, torch.bfloat16, "triton", ATTN, tune_now=True, cache=TuningCache(tmp_path / "t.json"),
                         timers={"prefill": lambda c: 1.0, "decode": lambda c: 1.0}, quant=shapes,
                         quant_timers=_fake_timers(shapes, pick))
@@ -168,7 +169,7 @@ def test_the_chosen_config_is_what_the_kernel_is_launched_with(tmp_path, monkeyp
     rec_q, rec_g = _Recorder(), _Recorder()
     monkeypatch.setattr(quant_mod, "quant_linear_kernel", rec_q)
     monkeypatch.setattr(gguf_mod, "gguf_linear_kernel", rec_g)
-    for rows, launch in ((1, "decode"), (8, "decode"), (9, "prefill"), (37, "prefill")):
+    for rows, launch in ((1, "decode"), (8, "decode"), (9, "small"), (32, "small"), (33, "prefill")):
         x = torch.zeros(rows, 384, dtype=torch.bfloat16, device=dev)
         ops.linear(x, params["a"])
         ops.linear(x, params["b"])
