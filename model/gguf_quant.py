@@ -5,8 +5,12 @@ else streams through the usual dequantize-at-load path (model/gguf_loader.py -> 
 - the torch ops (CPU), ``quantization="none"`` and tensor parallelism (the sharder slices dense tensors): all of it;
 - a fused projection (qkv, gate_up) with any part of another type (F16, Q4_0, Q5_K, ...): that whole projection,
   dequantized as before (logged), so one odd tensor costs memory, never correctness;
-- embeddings and lm_head: dense, as for GPTQ/AWQ (the lm_head runs through cuBLAS on the model dtype; quantizing
-  it is left for later).
+- the embedding table: dense (a lookup reads one row per token, so its bytes cost memory, not step time).
+The lm_head stays quantized too when its type is one the kernel reads: it is the largest weight a decode step
+streams (Qwen2-0.5B: 151936 x 896, 272 MB in bf16, more than the 24 layers' kept projections together; the demo's
+output.weight is Q8_0, 145 MB). A file without output.weight ties the lm_head to token_embd: the embedding is
+then loaded dense for the lookup and the same blocks packed a second time for the lm_head (memory traded for the
+bytes every step reads).
 The loader asks ``kept_projections`` first and builds Qwen2Model without them, so no dense copy of a kept projection
 is ever allocated (the GPTQ / AWQ path does the same).
 """
@@ -28,9 +32,19 @@ PROJECTIONS = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_pro
                "gate_up_proj": ("mlp", ("gate_proj", "up_proj")), "down_proj": ("mlp", ("down_proj",))}
 
 
+LM_HEAD = "lm_head.weight"
+EMBEDDING = "model.embed_tokens.weight"
+
+
 def plan(tensors, num_layers: int) -> tuple[dict[str, list[str]], list[str]]:
-    """(fused parameter -> its parts' HF names, for the projections the kernel runs; the others' descriptions)."""
+    """(fused parameter -> its parts' HF names, for the projections the kernel runs; the others' descriptions).
+    The lm_head is one of them when its type (the embedding's, when tied) is one the kernel reads."""
     keep, dense = {}, []
+    head = LM_HEAD if LM_HEAD in tensors.ggml_types else EMBEDDING  # no output.weight: tied to token_embd
+    if tensors.ggml_types[head] in KERNEL_TYPES:
+        keep[LM_HEAD] = [head]
+    else:
+        dense.append(f"lm_head ({tensors.ggml_types[head]})")
     for n in range(num_layers):
         for fused, (module, parts) in PROJECTIONS.items():
             names = [f"model.layers.{n}.{module}.{p}.weight" for p in parts]
@@ -68,7 +82,7 @@ def gguf_tensor_stream(model, tensors, keep: dict[str, list[str]]) -> Iterator[t
     for name in keep:  # a model built without ``defer`` allocated them dense: drop them before load_into looks
         if model.params.pop(name, None) is not None and torch.device(model.device).type == "cuda":
             torch.cuda.empty_cache()
-    held = [x for names in keep.values() for x in names]
+    held = [x for names in keep.values() for x in names if x != EMBEDDING]  # a tied embedding also loads dense
     return _stream(tensors, held, keep, model)
 
 
@@ -116,11 +130,12 @@ def describe_gguf(path: str, dtype_bytes: int = 2) -> str:
         stored += round(n * NATIVE_BPW[qtype] / 8)
         gpu += round(n * FORMATS[qtype].bits_per_weight / 8)
     types = ", ".join(f"{q} x{c}" for q, c in sorted(counts.items()))
+    head = "the lm_head among them" if LM_HEAD in keep else "the lm_head dequantized"
     return (f"quantization: GGUF, {_size(os.path.getsize(path))} as stored; kernels triton: {len(kept)} projection "
-            f"tensors ({types}) run quantized by gguf_linear: {_size(stored)} in the file, {_size(gpu)} in the "
-            f"kernel layout ({_size(values * dtype_bytes)} dequantized to 16-bit); {len(dense)} fused projection(s) "
-            f"of other types, embeddings and lm_head dequantized at load; torch or quantization='none': all "
-            f"dequantized at load")
+            f"tensors ({types}; {head}) run quantized by gguf_linear: {_size(stored)} in the file, {_size(gpu)} in "
+            f"the kernel layout ({_size(values * dtype_bytes)} dequantized to 16-bit); {len(dense)} projection(s) "
+            f"of other types and the embedding dequantized at load; torch or quantization='none': all dequantized "
+            f"at load")
 
 
 def _size(n: int) -> str:

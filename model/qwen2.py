@@ -64,7 +64,10 @@ class Qwen2Model:
 
     @property
     def lm_head(self) -> torch.Tensor:
-        return self.params["model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"]
+        """The output projection: lm_head.weight, or the embedding when tied, unless the loader put a quantized
+        copy of it at lm_head.weight (model/gguf_quant.py)."""
+        P = self.params
+        return P["lm_head.weight"] if "lm_head.weight" in P else P["model.embed_tokens.weight"]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

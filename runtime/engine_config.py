@@ -29,7 +29,7 @@ class EngineConfig:
             packed and runs them through the Triton weight-only kernels (kernels/quant_linear.py) when kernels are
             Triton, and dequantizes them once at load to ``dtype`` with kernels=torch; "none" always dequantizes
             at load. A GGUF file likewise: "auto" with Triton kernels keeps its Q8_0 / Q5_0 / Q4_K / Q6_K
-            projections in their blocks' bits (kernels/gguf_linear.py); other types, embeddings and lm_head, and
+            projections and lm_head in their blocks' bits (kernels/gguf_linear.py); other types, the embedding, and
             everything on the torch path or with "none", are dequantized at load.
         generation_config: "auto" takes temperature/top_p/top_k/repetition_penalty/min_p/max_new_tokens from the
             checkpoint's generation_config.json as defaults for SamplingParams fields left unset; "none" ignores it.

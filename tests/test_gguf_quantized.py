@@ -51,8 +51,10 @@ def demo_blocks(demo_gguf):
     return out
 
 
-def write_gguf(path, demo_blocks, types=TYPES, extra=None) -> str:
-    """The tiny model; ``extra``: gguf name -> (float32 values, QT) written quantized by gguf.quants instead."""
+def write_gguf(path, demo_blocks, types=TYPES, extra=None, head=None, tied=False) -> str:
+    """The tiny model; ``extra``: gguf name -> (float32 values, QT) written quantized by gguf.quants instead;
+    ``head``: a type (QT) the lm_head is quantized to by gguf.quants (default float32): output.weight's, or with
+    ``tied`` token_embd's, output.weight left out (the lm_head is then the embedding, as in tied releases)."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "qwen2")
     for key, value in (("block_count", LAYERS), ("context_length", 4096), ("embedding_length", HIDDEN),
@@ -71,9 +73,20 @@ def write_gguf(path, demo_blocks, types=TYPES, extra=None) -> str:
     def f32(name, shape, std, mean=0.0):
         w.add_tensor(name, (mean + std * rng.standard_normal(shape)).astype(np.float32))
 
-    f32("token_embd.weight", (VOCAB, HIDDEN), 0.02)
+    def head_tensor(name, std):
+        x = (std * rng.standard_normal((VOCAB, HIDDEN))).astype(np.float32)
+        if head is None:
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(x, head), raw_dtype=head)
+
+    if tied:  # one table for both ends: 0.05 keeps the log-probs near the untied model's size (mean -11, std 1)
+        head_tensor("token_embd.weight", 0.05)
+    else:
+        f32("token_embd.weight", (VOCAB, HIDDEN), 0.02)
     f32("output_norm.weight", (HIDDEN,), 0.1, 1.0)
-    f32("output.weight", (VOCAB, HIDDEN), 0.2)
+    if not tied:
+        head_tensor("output.weight", 0.2)
     start = dict.fromkeys(BLOCK_BYTES, 0)
     for n in range(LAYERS):
         for proj, (rows, cols) in PROJ.items():
@@ -148,6 +161,29 @@ def test_projections_stay_quantized_and_match_dequantized(tiny, torch_ref):
     assert tokens == torch_ref[1]
 
 
+
+@pytest.mark.parametrize("head,tied", [(QT.Q8_0, False), (QT.Q5_0, True)], ids=["output-Q8_0", "tied-embd-Q5_0"])
+def test_lm_head_stays_quantized(tmp_path, demo_blocks, head, tied):
+    """The lm_head, the largest weight a decode step reads, runs from its blocks as the demo's Q8_0 output.weight
+    does; tied to a Q5_0 token_embd (no output.weight), the embedding also loads dense for the lookup. Prompt
+    log-probs and tokens equal the torch path's, which dequantizes it."""
+    path = write_gguf(tmp_path / "head.gguf", demo_blocks, head=head, tied=tied)
+    tri = llm(path, "triton")
+    P = tri.model.params
+    lm = P["lm_head.weight"]
+    assert isinstance(lm, GGUFWeight) and (lm.qtype, lm.out_features, lm.in_features) == (head.name, VOCAB, HIDDEN)
+    assert tri.model.lm_head is lm and isinstance(P["model.embed_tokens.weight"], torch.Tensor)
+    from qwen2_triton.bench.e2e import weight_bytes  # a decode step reads the packed lm_head, not the embedding
+
+    assert weight_bytes(tri) == sum(p.nbytes for p in P.values()) - P["model.embed_tokens.weight"].nbytes
+    ref_llm = llm(path, "torch")
+    assert ("lm_head.weight" in ref_llm.model.params) != tied
+    ref, ref_tokens = prompt_logprobs(ref_llm, max_tokens=3)
+    lp, tokens = prompt_logprobs(tri, max_tokens=3)
+    assert ref.std() > 0.3, ref
+    torch.testing.assert_close(lp, ref, atol=TOL, rtol=0)
+    assert tokens == ref_tokens
+
 def test_quantization_none_and_torch_ops_dequantize(tiny, torch_ref):
     dense = llm(tiny, "triton", quantization="none")
     assert all(isinstance(p, torch.Tensor) for p in dense.model.params.values())
@@ -186,8 +222,9 @@ def test_env_names_the_gguf_types_and_bytes(tiny):
 
     line = describe_quantization(tiny)
     assert line.startswith("quantization: GGUF")
-    assert "14 projection tensors (Q4_K x5, Q5_0 x4, Q6_K x3, Q8_0 x2) run quantized by gguf_linear" in line
-    assert "0 fused projection(s) of other types" in line
+    assert "14 projection tensors (Q4_K x5, Q5_0 x4, Q6_K x3, Q8_0 x2; the lm_head dequantized) run quantized " \
+           "by gguf_linear" in line
+    assert "1 projection(s) of other types" in line  # the float32 lm_head
 
 
 def test_kept_projections_are_never_allocated_dense(tiny, monkeypatch):
