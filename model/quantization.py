@@ -173,7 +173,7 @@ def describe_checkpoint(model_dir: str, dtype_bytes: int = 2) -> str:
         return f"quantization: none; weights {_size(stored)} as stored"
     return (f"quantization: {qc.describe()}; weights {_size(stored)} as stored, the packed projections "
             f"{_size(packed)} of it ({_size(dense)} dequantized to 16-bit, {dense / max(packed, 1):.1f}x); kernels "
-            f"triton: run packed by quant_linear W{qc.bits}A16 (split-K for <= 8 rows, tiled above); torch or "
+            f"triton: run packed by quant_linear W{qc.bits}A16 (split-K up to 32 rows, tiled above); torch or "
             f"quantization='none': dequantized at load")
 
 
