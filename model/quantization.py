@@ -1,6 +1,7 @@
 """GPTQ and AWQ checkpoints (config.json ``quantization_config``): the seven projections of every layer arrive
 packed (model/quant_gptq.py, model/quant_awq.py); embeddings, norms, biases and lm_head stay dense and load as
-usual (model/weights.py).
+usual (model/weights.py). Under tensor parallelism each rank reads the packed projections whole and keeps its slice
+(model/quant_shard.py).
 
 Each projection becomes, once at load:
 - with ops that run quantized weights (TritonOps: kernels/quant_linear.py), a QuantWeight in the kernel's layout
@@ -63,8 +64,6 @@ def quantized_tensors(model_dir: str, model, tensors: Iterable[tuple[str, torch.
         return _refuse_packed(tensors, model_dir)
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
-    if getattr(model, "tp", None) is not None:
-        raise ValueError(f"{model_dir}: tensor parallelism over a {qc.describe()} checkpoint is not supported yet")
     for name in projection_names(model.cfg):  # none when the loader deferred them (model/loader.py)
         if model.params.pop(name, None) is not None and torch.device(model.device).type == "cuda":
             torch.cuda.empty_cache()
@@ -97,9 +96,11 @@ def _collect(tensors, model, qc: QuantConfig, source: str, keep: bool) -> Iterat
 
 
 def build_quantized(model, qc: QuantConfig, held: dict, source: str, keep: bool) -> None:
-    """Read every projection of ``held`` and put the fused weights into model.params."""
+    """Read every projection of ``held`` (whole, also under tensor parallelism) and put the fused weights of this
+    rank into model.params."""
     from qwen2_triton.model.quant_awq import read_awq
     from qwen2_triton.model.quant_gptq import read_gptq
+    from qwen2_triton.model.quant_shard import shard_int_linear
 
     reader = read_awq if qc.method == "awq" else read_gptq
     cfg, shapes = model.cfg, part_shapes(model.cfg)
@@ -113,7 +114,8 @@ def build_quantized(model, qc: QuantConfig, held: dict, source: str, keep: bool)
         raise ValueError(f"{source}: config.json has quantization_config ({qc.describe()}) but the checkpoint has "
                          f"no packed tensors (qweight, qzeros, scales) for {len(missing)} projection(s), e.g. "
                          f"{missing[0]}.qweight")
-    device, dtype = model.device, model.dtype
+    device, dtype, shard = model.device, model.dtype, getattr(model, "shard", None)
+    unpackable: list[str] = []  # projections the kernel cannot run in this layout, with why
     for n in range(cfg.num_hidden_layers):
         for fused, module in MODULE.items():
             parts = []
@@ -122,12 +124,17 @@ def build_quantized(model, qc: QuantConfig, held: dict, source: str, keep: bool)
                     name = f"model.layers.{n}.{module}.{proj}"
                     k, out = shapes[proj]
                     t = {leaf: x.to(device) for leaf, x in held.pop(name).items()}
-                    parts.append(reader(t, name, k, out, qc, source))
+                    part = reader(t, name, k, out, qc, source)
+                    parts.append(part if shard is None else shard_int_linear(part, shard, name, source))
             model.params[f"model.layers.{n}.{module}.{fused}.weight"] = \
-                _fuse(parts, dtype, keep, f"model.layers.{n}.{module}.{fused}")
+                _fuse(parts, dtype, keep, f"model.layers.{n}.{module}.{fused}", unpackable)
+    if unpackable:
+        where = f" (tensor-parallel rank {shard.rank} of {shard.world})" if shard is not None else ""
+        log.warning("%s%s: %d projection(s) run dequantized, in a layout the weight-only kernel cannot read: %s",
+                    source, where, len(unpackable), "; ".join(unpackable[:3]) + (" ..." if len(unpackable) > 3 else ""))
 
 
-def _fuse(parts: list[IntLinear], dtype: torch.dtype, keep: bool, name: str):
+def _fuse(parts: list[IntLinear], dtype: torch.dtype, keep: bool, name: str, unpackable: list[str]):
     if keep:
         from qwen2_triton.kernels.quant_linear import FusedQuantWeight, pack_quant_weight
 
@@ -140,7 +147,7 @@ def _fuse(parts: list[IntLinear], dtype: torch.dtype, keep: bool, name: str):
             return FusedQuantWeight(tuple(pack_quant_weight(p.codes, p.zeros, p.scales, p.g_idx, p.bits,
                                                             p.group_size) for p in parts))
         except ValueError as e:  # a layout the kernel cannot read: this weight runs dequantized
-            log.warning("%s: %s; dequantized at load instead", name, e)
+            unpackable.append(f"{name}: {e}")
     return torch.cat([p.dequantize(dtype) for p in parts])
 
 

@@ -177,14 +177,10 @@ def start_engine_group(config, model, device: torch.device, dtype: torch.dtype, 
     from dataclasses import replace
 
     from qwen2_triton.model.loader import read_config
-    from qwen2_triton.model.quantization import read_quant_config
     from qwen2_triton.model.sharding import check_divisible
 
     world = config.tensor_parallel_size
     check_divisible(read_config(model), world, source=getattr(model, "name", str(model)))
-    if isinstance(model, (str, os.PathLike)) and os.path.isdir(model) and read_quant_config(str(model)) is not None:
-        raise ValueError(f"tensor_parallel_size={world}: {model} is a GPTQ/AWQ checkpoint, whose packed weights are "
-                         "not sharded yet; run it with tensor_parallel_size=1")
     device = tp_device(device, world)
     spec = WorkerSpec(replace(config, model=model, progress=False), dtype, kernels, device.type)
     return start(world, spec, device)

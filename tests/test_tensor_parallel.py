@@ -296,13 +296,6 @@ def test_bench_e2e_runs_sharded_random_weights(tmp_path):
     assert not dist.is_initialized()
 
 
-def test_quantized_checkpoints_are_refused_before_anything_starts():
-    path = os.path.join(os.path.dirname(__file__), "data", "quant", "gptq-int4-g128-sym")
-    with pytest.raises(ValueError, match="GPTQ/AWQ checkpoint, whose packed weights are not sharded"):
-        LLM(path, tensor_parallel_size=2, **ENGINE)
-    assert not dist.is_initialized()
-
-
 def test_more_ranks_than_gpus_and_in_memory_models_are_refused(monkeypatch):
     from qwen2_triton.runtime.tp_driver import tp_device
 
