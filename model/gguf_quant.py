@@ -2,7 +2,7 @@
 ``quantization="auto"``, the seven projections of every layer whose GGUF types the kernel reads (Q8_0, Q5_0,
 Q4_K, Q6_K) load as kernels/gguf_linear.py weights, repacked from the file's blocks, never dequantized. Everything
 else streams through the usual dequantize-at-load path (model/gguf_loader.py -> model/weights.py):
-- the torch ops (CPU), ``quantization="none"`` and tensor parallelism (the sharder slices dense tensors): all of it;
+- the torch ops (CPU) and ``quantization="none"``: all of it;
 - a fused projection (qkv, gate_up) with any part of another type (F16, Q4_0, Q5_K, ...): that whole projection,
   dequantized as before (logged), so one odd tensor costs memory, never correctness;
 - the embedding table: dense (a lookup reads one row per token, so its bytes cost memory, not step time).
@@ -11,6 +11,10 @@ streams (Qwen2-0.5B: 151936 x 896, 272 MB in bf16, more than the 24 layers' kept
 output.weight is Q8_0, 145 MB). A file without output.weight ties the lm_head to token_embd: the embedding is
 then loaded dense for the lookup and the same blocks packed a second time for the lm_head (memory traded for the
 bytes every step reads).
+Under tensor parallelism each rank packs its slice of the blocks (``slice_fields``): rows for the column-parallel
+projections, whole blocks of the input dim for o_proj and down_proj; a row-parallel slice that would cut a block
+(K-quants have 256 values a block: Qwen2-0.5B's o_proj at 2 ranks is 448 columns) dequantizes that projection, and
+the lm_head is vocab-parallel and dense there.
 The loader asks ``kept_projections`` first and builds Qwen2Model without them, so no dense copy of a kept projection
 is ever allocated (the GPTQ / AWQ path does the same).
 """
@@ -36,12 +40,15 @@ LM_HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def plan(tensors, num_layers: int) -> tuple[dict[str, list[str]], list[str]]:
+def plan(tensors, num_layers: int, shard=None) -> tuple[dict[str, list[str]], list[str]]:
     """(fused parameter -> its parts' HF names, for the projections the kernel runs; the others' descriptions).
-    The lm_head is one of them when its type (the embedding's, when tied) is one the kernel reads."""
+    The lm_head is one of them when its type (the embedding's, when tied) is one the kernel reads, without tensor
+    parallelism. ``shard``: a tensor-parallel rank (model/sharding.py TPShard), whose slices must be whole blocks."""
     keep, dense = {}, []
     head = LM_HEAD if LM_HEAD in tensors.ggml_types else EMBEDDING  # no output.weight: tied to token_embd
-    if tensors.ggml_types[head] in KERNEL_TYPES:
+    if shard is not None:
+        dense.append("lm_head (vocab-parallel)")
+    elif tensors.ggml_types[head] in KERNEL_TYPES:
         keep[LM_HEAD] = [head]
     else:
         dense.append(f"lm_head ({tensors.ggml_types[head]})")
@@ -49,27 +56,59 @@ def plan(tensors, num_layers: int) -> tuple[dict[str, list[str]], list[str]]:
         for fused, (module, parts) in PROJECTIONS.items():
             names = [f"model.layers.{n}.{module}.{p}.weight" for p in parts]
             types = [tensors.ggml_types[x] for x in names]
-            if all(t in KERNEL_TYPES for t in types):
-                keep[f"model.layers.{n}.{module}.{fused}.weight"] = names
+            label = f"model.layers.{n}.{module}.{fused} ({'+'.join(types)}"
+            if not all(t in KERNEL_TYPES for t in types):
+                dense.append(label + ")")
+            elif shard is not None and not all(_whole_blocks(shard, x, t) for x, t in zip(names, types)):
+                dense.append(label + f": rank {shard.rank}'s slice of the input dim cuts a block)")
             else:
-                dense.append(f"model.layers.{n}.{module}.{fused} ({'+'.join(types)})")
+                keep[f"model.layers.{n}.{module}.{fused}.weight"] = names
     return keep, dense
 
 
-def kept_projections(tensors, num_layers: int, ops, quantization: str, tp, source: str) -> dict[str, list[str]]:
-    """Fused parameter -> its parts' HF names, for the projections that stay quantized (empty: none do)."""
+def _whole_blocks(shard, name: str, qtype: str) -> bool:
+    from qwen2_triton.model.gguf_blocks import BLOCK_BYTES
+
+    split = shard.split_of(name)
+    if split is None or split[0] == 0:  # replicated, or rows (output features): any rows are whole blocks
+        return True
+    values = BLOCK_BYTES[qtype][1]  # values a block holds along the input dim
+    return split[1] % values == 0 and split[2] % values == 0
+
+
+def slice_fields(fields, shard, name: str):
+    """This rank's part of one tensor's BlockFields (model/gguf_blocks.py, (N, ...) orientation): rows for a
+    column-parallel projection, the columns of whole blocks for a row-parallel one (``plan`` checked that they are
+    whole)."""
+    from dataclasses import replace
+
+    split = shard.split_of(name)
+    if split is None:
+        return fields
+    dim, start, stop, _ = split
+    if dim == 0:
+        return replace(fields, **{f: t[start:stop] for f, t in fields.__dict__.items() if isinstance(t, torch.Tensor)})
+    k = fields.codes.shape[1]
+    out = {}
+    for f, t in fields.__dict__.items():
+        if isinstance(t, torch.Tensor):
+            per = k // t.shape[1]  # input values per column of this field: 1 (codes), 16/32 (scales), 256
+            out[f] = t[:, start // per: stop // per]
+    return replace(fields, **out)
+
+
+def kept_projections(tensors, num_layers: int, ops, quantization: str, shard,
+                     source: str) -> dict[str, list[str]]:
+    """Fused parameter -> its parts' HF names, for the projections that stay quantized (empty: none do).
+    ``shard``: this tensor-parallel rank (TPShard), or None."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
     if quantization != "auto" or not getattr(ops, "quantized_linear", False):
         return {}
-    if tp is not None:
-        log.info("%s: tensor parallel: GGUF projections are dequantized at load (sharding reads dense tensors)",
-                 source)
-        return {}
-    keep, dense = plan(tensors, num_layers)
+    keep, dense = plan(tensors, num_layers, shard)
     if dense:
-        log.info("%s: %d projection(s) have a GGUF type the kernel does not read (it reads %s) and are "
-                 "dequantized at load: %s", source, len(dense), ", ".join(KERNEL_TYPES), "; ".join(dense[:4]))
+        log.info("%s: %d projection(s) are dequantized at load (the kernel reads %s): %s", source, len(dense),
+                 ", ".join(KERNEL_TYPES), "; ".join(dense[:4]))
     return keep
 
 
@@ -89,22 +128,24 @@ def gguf_tensor_stream(model, tensors, keep: dict[str, list[str]]) -> Iterator[t
 def _stream(tensors, held, keep, model):
     yield from tensors.without(held).items()
     for name, parts in keep.items():
-        model.params[name] = build(tensors, parts).to(model.device)
+        model.params[name] = build(tensors, parts, getattr(model, "shard", None)).to(model.device)
 
 
-def build(tensors, names: list[str]):
-    """The GGUF weight of one fused projection from its parts' raw blocks (in output order)."""
+def build(tensors, names: list[str], shard=None):
+    """The GGUF weight of one fused projection from its parts' raw blocks (in output order); this rank's slice of
+    each part under tensor parallelism."""
     from qwen2_triton.kernels.gguf_linear import fuse_gguf, pack_gguf_weight
     from qwen2_triton.model.gguf_blocks import unpack_blocks
 
     parts = []
     for x in names:
         fields = unpack_blocks(tensors.raw(x), tensors.ggml_types[x])
-        w = pack_gguf_weight(**fields.__dict__)
-        if (w.out_features, w.in_features) != tuple(tensors.shapes[x]):  # gguf_loader checked the shapes
-            raise ValueError(f"{tensors.path}: {x} unpacked to {(w.out_features, w.in_features)}, expected "
+        if tuple(fields.codes.shape) != tuple(tensors.shapes[x]):  # gguf_loader checked the shapes
+            raise ValueError(f"{tensors.path}: {x} unpacked to {tuple(fields.codes.shape)}, expected "
                              f"{tuple(tensors.shapes[x])}")
-        parts.append(w)
+        if shard is not None:
+            fields = slice_fields(fields, shard, x)
+        parts.append(pack_gguf_weight(**fields.__dict__))
     return fuse_gguf(parts)
 
 

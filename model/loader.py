@@ -16,7 +16,7 @@ import torch
 from qwen2_triton.model.config import Qwen2Config
 from qwen2_triton.model.quantization import projection_names, quantized_tensors, read_quant_config
 from qwen2_triton.model.qwen2 import Qwen2Model
-from qwen2_triton.model.sharding import iter_safetensors_shard, shard_tensors
+from qwen2_triton.model.sharding import TPShard, iter_safetensors_shard, shard_tensors
 from qwen2_triton.model.weights import iter_safetensors, load_into, safetensors_files
 
 # generation_config.json keys that become SamplingParams defaults (vLLM's convention)
@@ -129,7 +129,8 @@ def _load_gguf(path: str, dtype, device, ops, progress, quantization, tp) -> Loa
 
     g = load_gguf(path, dtype=dtype, device="cpu", progress=False)
     cfg = Qwen2Config.from_dict(g.config, source=path)
-    keep = kept_projections(g.tensors, cfg.num_hidden_layers, ops, quantization, tp, path)  # stay packed
+    shard = TPShard(cfg, tp.rank, tp.world) if tp is not None else None  # the slice this rank will hold
+    keep = kept_projections(g.tensors, cfg.num_hidden_layers, ops, quantization, shard, path)  # stay packed
     model = Qwen2Model(cfg, ops, dtype, device, tp=tp, defer=keep)
     tensors = gguf_tensor_stream(model, g.tensors, keep)
     if tp is not None:

@@ -1,9 +1,11 @@
-"""Tensor parallelism over GPTQ / AWQ checkpoints (model/quant_shard.py): each rank's slice of a projection against
-the same slice of the whole weight, bit for bit, and the sharded engine (2 gloo processes on the CPU) against the
-independent reader's prompt log-probs (tests/data/quant/refs.json, as tests/test_quantized.py)."""
+"""Tensor parallelism over quantized checkpoints. GPTQ / AWQ (model/quant_shard.py): each rank's slice of a
+projection against the same slice of the whole weight, bit for bit, and the sharded engine (2 gloo processes on the
+CPU) against the independent reader's prompt log-probs (tests/data/quant/refs.json, as tests/test_quantized.py).
+GGUF (model/gguf_quant.py): each rank packs its slice of the blocks; the sharded engine against the torch path."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -16,6 +18,7 @@ from qwen2_triton.model.config import Qwen2Config
 from qwen2_triton.model.quant_common import IntLinear
 from qwen2_triton.model.quant_shard import shard_int_linear
 from qwen2_triton.model.sharding import TPShard
+from test_gguf_quantized import demo_blocks, tiny, torch_ref  # noqa: F401 (fixtures)
 from test_quantized import DATA, TOL, checkpoint, prompt_logprobs, reference  # noqa: F401 (checkpoint: a fixture)
 
 # hidden 384, 12 heads of 128 (q 1536), 2 KV heads, intermediate 256, group 128
@@ -104,3 +107,31 @@ def test_two_ranks_run_their_slices_through_the_kernel(checkpoint, capfd):  # no
     err = capfd.readouterr().err
     assert "(tensor-parallel rank 1 of 2): 2 projection(s) run dequantized" in err, err
     assert "model.layers.1.self_attn.o_proj: g_idx does not sort into contiguous groups of 128 rows" in err, err
+
+
+def test_two_ranks_keep_their_gguf_blocks(tiny, torch_ref, caplog):  # noqa: F811 (the fixtures)
+    """tests/test_gguf_quantized.py's tiny GGUF (real demo blocks) on 2 ranks with the Triton kernels: q/k/v and
+    gate/up keep their rows' blocks; down_proj (256 of 512 input columns: one Q6_K / Q4_K super-block) and layer 1's
+    Q8_0 o_proj (128 columns: 4 blocks of 32) keep whole blocks; layer 0's Q4_K o_proj would need half a super-block
+    and is dequantized (logged); the lm_head is vocab-parallel and dense. Prompt log-probs and tokens equal the
+    single-process torch path's."""
+    import test_gguf_quantized as gq
+    from qwen2_triton.kernels.gguf_linear import FusedGGUFWeight, GGUFWeight
+
+    with caplog.at_level(logging.INFO, logger="qwen2_triton.model.gguf_quant"):
+        llm = LLM(tiny, dtype="float32", device="cpu", kernels="triton", progress=False, tensor_parallel_size=2)
+    with llm:  # rank 0's params and log
+        P = llm.model.params
+        kinds = {n.split(".", 2)[2].rsplit(".", 1)[0]: P[n] for n in P if n.endswith("proj.weight")}
+        dense = sorted(k for k, w in kinds.items() if isinstance(w, torch.Tensor))
+        assert dense == ["0.self_attn.o_proj"] and isinstance(P["lm_head.weight"], torch.Tensor)
+        assert kinds["1.self_attn.o_proj"].in_features == gq.HIDDEN // 2
+        down = kinds["0.mlp.down_proj"]
+        assert isinstance(down, GGUFWeight) and down.in_features == gq.INTER // 2
+        qkv = kinds["0.self_attn.qkv_proj"]
+        assert isinstance(qkv, FusedGGUFWeight) and [p.out_features for p in qkv.parts] == \
+            [(gq.HEADS + gq.KV_HEADS) // 2 * gq.HEAD_DIM, gq.HEAD_DIM]  # this rank's q and k heads (Q5_0), v (Q8_0)
+        lp, tokens = gq.prompt_logprobs(llm, max_tokens=3)
+    torch.testing.assert_close(lp, torch_ref[0], atol=gq.TOL, rtol=0)
+    assert tokens == torch_ref[1]
+    assert "model.layers.0.self_attn.o_proj (Q4_K: rank 0's slice of the input dim cuts a block)" in caplog.text
