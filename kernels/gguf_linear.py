@@ -20,9 +20,10 @@ Bits per weight, ours vs the file's: Q8_0 8.5 = 8.5, Q5_0 5.5 = 5.5, Q6_K 6.5625
 (+2.8%): Q4_K's 6-bit sc/m are unpacked to one byte each, so a tile reads its scales with two plain loads
 instead of reassembling them from the 12-byte packing across sub-blocks (bits split over bytes 0-3 and 8-11).
 
-Launch shapes (``gguf_config``) are quant_linear's: decode (<= 8 rows) and small (<= 32 rows) split-K with each
-weight word loaded once, prefill tiled; the same tile sizes and tuning candidates (``gguf_candidates``), checked for spills by
-kernels/compile_check.py. Not timed on a GPU here; runtime/quant_tuning.py times the candidates at start-up.
+Launch shapes (``gguf_config``) are quant_linear's: decode (<= 8 rows) and small (<= 32 rows) split-K with
+each weight word loaded once, prefill tiled; the same tile sizes and tuning candidates (``gguf_candidates``),
+checked for spills by kernels/compile_check.py. Not timed on a GPU here; runtime/quant_tuning.py times the
+candidates at start-up.
 """
 from __future__ import annotations
 

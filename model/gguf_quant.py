@@ -13,8 +13,8 @@ then loaded dense for the lookup and the same blocks packed a second time for th
 bytes every step reads).
 Under tensor parallelism each rank packs its slice of the blocks (``slice_fields``): rows for the column-parallel
 projections, whole blocks of the input dim for o_proj and down_proj; a row-parallel slice that would cut a block
-(K-quants have 256 values a block: Qwen2-0.5B's o_proj at 2 ranks is 448 columns) dequantizes that projection, and
-the lm_head is vocab-parallel and dense there.
+(a K-quant block holds 256 values: a Q4_K o_proj of Qwen2-0.5B, 448 columns a rank at 2 ranks) dequantizes that
+projection, and the lm_head is vocab-parallel and dense there.
 The loader asks ``kept_projections`` first and builds Qwen2Model without them, so no dense copy of a kept projection
 is ever allocated (the GPTQ / AWQ path does the same).
 """

@@ -9,9 +9,10 @@ packing constrains where a slice may start:
   group stay exact.
 Every weight a rank dequantizes is then bit-identical to the same slice of the whole weight dequantized. Whether the
 Triton kernel can run a slice is kernels/quant_linear.py ``pack_quant_weight``'s call, as for any projection: a
-row slice whose groups are whole (Qwen2-7B's o_proj at 2 ranks: 1792 rows = 14 groups of 128) packs; one that starts
-or ends inside a group (Qwen2-0.5B's o_proj at 2 ranks: 448 rows) or cuts act-order groups runs dequantized
-(model/quantization.py logs which). vLLM refuses those layouts; here they are slower, not wrong.
+row slice whose renumbered groups are in natural order packs (Qwen2-7B's o_proj at 2 ranks: 1792 rows = 14 groups of
+128; a slice that only ends inside a group, as rank 0's 448 rows of Qwen2-0.5B's o_proj); one that starts inside a
+group (rank 1's rows 448-895 there) or cuts act-order groups runs dequantized (model/quantization.py logs which).
+vLLM refuses those layouts; here they are slower, not wrong.
 """
 from __future__ import annotations
 

@@ -18,8 +18,11 @@ from qwen2_triton.model.config import Qwen2Config
 from qwen2_triton.model.quant_common import IntLinear
 from qwen2_triton.model.quant_shard import shard_int_linear
 from qwen2_triton.model.sharding import TPShard
-from test_gguf_quantized import demo_blocks, tiny, torch_ref  # noqa: F401 (fixtures)
-from test_quantized import DATA, TOL, checkpoint, prompt_logprobs, reference  # noqa: F401 (checkpoint: a fixture)
+import test_gguf_quantized as gq
+import test_quantized as tq
+from test_quantized import DATA, TOL, prompt_logprobs, reference
+
+checkpoint, demo_blocks, tiny, torch_ref = tq.checkpoint, gq.demo_blocks, gq.tiny, gq.torch_ref  # their fixtures
 
 # hidden 384, 12 heads of 128 (q 1536), 2 KV heads, intermediate 256, group 128
 CFG = Qwen2Config.from_file(os.path.join(DATA, "gptq-int4-g128-descact", "config.json"))
@@ -81,7 +84,7 @@ ENGINE = dict(dtype="float32", device="cpu", progress=False, tensor_parallel_siz
 
 
 @pytest.mark.parametrize("name", ["gptq-int4-g128-sym", "awq-int4-g128", "gptq-int4-g128-descact"])
-def test_two_ranks_match_the_independent_reader(checkpoint, name):  # noqa: F811 (the fixture)
+def test_two_ranks_match_the_independent_reader(checkpoint, name):
     """The torch path: each rank dequantizes its slices at load."""
     with LLM(checkpoint(name), kernels="torch", **ENGINE) as llm:
         assert llm.model.local_cfg.num_attention_heads * 2 == json.load(
@@ -91,7 +94,7 @@ def test_two_ranks_match_the_independent_reader(checkpoint, name):  # noqa: F811
     assert not dist.is_initialized()
 
 
-def test_two_ranks_run_their_slices_through_the_kernel(checkpoint, capfd):  # noqa: F811 (the fixture)
+def test_two_ranks_run_their_slices_through_the_kernel(checkpoint, capfd):
     """The Triton path (interpreter) on Qwen2-0.5B's head layout: qkv, gate_up and down_proj (128 rows, one whole
     group) stay packed on both ranks, and so does rank 0's o_proj (rows 0-447: groups 0-3, the last one cut short
     at the end); rank 1's o_proj (rows 448-895) starts inside group 3, so it runs dequantized and its load says so
@@ -109,13 +112,12 @@ def test_two_ranks_run_their_slices_through_the_kernel(checkpoint, capfd):  # no
     assert "model.layers.1.self_attn.o_proj: g_idx does not sort into contiguous groups of 128 rows" in err, err
 
 
-def test_two_ranks_keep_their_gguf_blocks(tiny, torch_ref, caplog):  # noqa: F811 (the fixtures)
+def test_two_ranks_keep_their_gguf_blocks(tiny, torch_ref, caplog):
     """tests/test_gguf_quantized.py's tiny GGUF (real demo blocks) on 2 ranks with the Triton kernels: q/k/v and
     gate/up keep their rows' blocks; down_proj (256 of 512 input columns: one Q6_K / Q4_K super-block) and layer 1's
     Q8_0 o_proj (128 columns: 4 blocks of 32) keep whole blocks; layer 0's Q4_K o_proj would need half a super-block
     and is dequantized (logged); the lm_head is vocab-parallel and dense. Prompt log-probs and tokens equal the
     single-process torch path's."""
-    import test_gguf_quantized as gq
     from qwen2_triton.kernels.gguf_linear import FusedGGUFWeight, GGUFWeight
 
     with caplog.at_level(logging.INFO, logger="qwen2_triton.model.gguf_quant"):
