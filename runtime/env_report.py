@@ -63,7 +63,7 @@ def describe_shapes(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningC
 
 def describe_quant(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningCache, tune_now: bool,
                    device: torch.device | None = None) -> list[str]:
-    """Per quantized weight shape of the checkpoint (runtime/quant_tuning.py): the decode and prefill launch
+    """Per quantized weight shape of the checkpoint (runtime/quant_tuning.py): the decode, small and prefill launch
     configs with their source, as the attention tiles above."""
     from qwen2_triton.kernels.quant_linear import QuantConfig
     from qwen2_triton.runtime.quant_tuning import plan_quant, quant_key
@@ -82,8 +82,8 @@ def describe_quant(info: DeviceInfo, dtype: torch.dtype, shapes, cache: TuningCa
             source += ": the heuristic's"
         by_shape.setdefault(shape, []).append(f"{launch} {config_label(cfg)} [{source}; "
                                               f"{len(cands[shape, launch])} candidates]")
-    lines.append("  quantized linears (BLOCK_M x BLOCK_N x BLOCK_K / SPLIT_K, warps, stages; decode M=1, prefill "
-                 "M=256):")
+    lines.append("  quantized linears (BLOCK_M x BLOCK_N x BLOCK_K / SPLIT_K, warps, stages; decode M=1 for <= 8 "
+                 "rows, small M=32 for 9-32, prefill M=256; one process):")
     lines += [f"  {shape.kernel} {shape.describe()}: " + " | ".join(parts) for shape, parts in by_shape.items()]
     return lines
 
