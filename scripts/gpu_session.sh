@@ -5,7 +5,7 @@
 #   tests_rest       the rest of the test suite
 #   bench_ops        kernel microbenchmarks: RMSNorm, SwiGLU, rotary (vs torch eager and torch.compile)
 #   bench_attention  prefill and decode attention (vs SDPA), TFLOP/s and GB/s
-#   bench_quant      weight-only int4/int8 linear vs bf16 cuBLAS at Qwen2-7B's projections, M 1/8/256/2048
+#   bench_quant      weight-only int4/int8 linear vs bf16 cuBLAS at Qwen2-7B's projections, M 1/8/32/256/2048
 #   bench_e2e_small  the end-to-end benchmark (release shapes: graphs vs eager, prefill, offline with async
 #                    output on and off, HF as the peer) for Qwen2-0.5B and 1.5B
 #   bench_e2e_large  the same for Qwen2-7B and Qwen1.5-4B (bench_e2e: both parts, one after the other)
