@@ -1,10 +1,11 @@
-"""Weight-only linear over GGUF block types (Q8_0, Q5_0, Q4_K, Q6_K): out = x @ W^T + bias, W rebuilt on the fly.
+"""Weight-only linear over GGUF block types (Q8_0, Q5_0, Q4_0, Q4_K, Q5_K, Q6_K: the types of the Q4_0, Q4_K_M/S,
+Q5_K_M/S, Q6_K and Q8_0 files): out = x @ W^T + bias, W rebuilt on the fly.
 
 Per weight, in float32 and in the order gguf.quants / model/dequant.py use (so the value is bit-identical to the
 dequantize-at-load path), with q = u - OFFSET the signed code of the unsigned code u:
-    Q8_0, Q5_0:  w = d[b] * q                          (d per 32-row block)
-    Q6_K:        w = (d[B] * sc[j]) * q                (int8 sc per 16 rows, fp16 d per 256)
-    Q4_K:        w = (d[B] * sc[j]) * q - (dmin[B] * m[j])   (6-bit sc, m per 32 rows, fp16 d, dmin per 256)
+    Q8_0, Q5_0, Q4_0:  w = d[b] * q                    (d per 32-row block)
+    Q6_K:              w = (d[B] * sc[j]) * q          (int8 sc per 16 rows, fp16 d per 256)
+    Q4_K, Q5_K:        w = (d[B] * sc[j]) * q - (dmin[B] * m[j])   (6-bit sc, m per 32 rows, fp16 d, dmin per 256)
 rounded once to the activation dtype for the tensor-core dot: the two paths differ only in summation order. The
 kernel is compiled with ``enable_fp_fusion=False``: Q4_K's ``a * q - b`` would otherwise become one fma, rounded
 once instead of twice, and differ from the reference in the last bit.
@@ -13,12 +14,13 @@ Layout (``GGUFWeight``, built once at load by ``pack_gguf_weight``; the format i
 ours): everything transposed to (rows along K, N) so a warp's lanes read consecutive columns, as in
 kernels/quant_linear.py.
     lo      int32 (K / pack, N): the low LO_BITS of u (8 for Q8_0, else 4), ``32 / LO_BITS`` rows per word
-    hi      int32 (K / (32 / HI_BITS), N): the bits above 4 (Q5_0: 1, Q6_K: 2), else None
-    sub     (K / SUB, N): fp16 d (Q8_0, Q5_0), uint8 sc (Q4_K), int8 sc (Q6_K)
-    sub_min uint8 (K / 32, N): Q4_K's m;  sup, sup_min fp16 (K / 256, N): d and dmin of Q4_K / Q6_K
-Bits per weight, ours vs the file's: Q8_0 8.5 = 8.5, Q5_0 5.5 = 5.5, Q6_K 6.5625 = 6.5625, Q4_K 4.625 vs 4.5
-(+2.8%): Q4_K's 6-bit sc/m are unpacked to one byte each, so a tile reads its scales with two plain loads
-instead of reassembling them from the 12-byte packing across sub-blocks (bits split over bytes 0-3 and 8-11).
+    hi      int32 (K / (32 / HI_BITS), N): the bits above 4 (Q5_0, Q5_K: 1, Q6_K: 2), else None
+    sub     (K / SUB, N): fp16 d (Q8_0, Q5_0, Q4_0), uint8 sc (Q4_K, Q5_K), int8 sc (Q6_K)
+    sub_min uint8 (K / 32, N): Q4_K's / Q5_K's m;  sup, sup_min fp16 (K / 256, N): d (and dmin) of the K-quants
+Bits per weight, ours vs the file's: Q8_0 8.5, Q5_0 5.5, Q4_0 4.5 and Q6_K 6.5625 the same; Q4_K 4.625 vs 4.5 and
+Q5_K 5.625 vs 5.5 (+2.8%, +2.3%): their 6-bit sc/m are unpacked to one byte each, so a tile reads its scales with
+two plain loads instead of reassembling them from the 12-byte packing across sub-blocks (bits split over bytes
+0-3 and 8-11).
 
 Launch shapes (``gguf_config``) are quant_linear's: decode (<= 8 rows) and small (<= 32 rows) split-K with
 each weight word loaded once, prefill tiled; the same tile sizes and tuning candidates (``gguf_candidates``),
@@ -48,15 +50,23 @@ class GGUFFormat:
     has_min: bool
 
     @property
+    def sub_dtype(self) -> torch.dtype:
+        """The ``sub`` field's: fp16 d of a 32-value block, or a K-quant's sub-block scale (Q6_K's signed)."""
+        return torch.float16 if self.super_rows == 0 else torch.int8 if self.name == "Q6_K" else torch.uint8
+
+    @property
     def bits_per_weight(self) -> float:
-        scale_bits = {"Q8_0": 16, "Q5_0": 16, "Q4_K": 8, "Q6_K": 8}[self.name]
+        scale_bits = 16 if self.super_rows == 0 else 8  # fp16 d per block; byte-wide sc (and m) per sub-block
         per_super = (16 * (1 + self.has_min) / self.super_rows) if self.super_rows else 0
         return self.lo_bits + self.hi_bits + scale_bits * (1 + self.has_min) / self.sub_rows + per_super
 
 
 FORMATS = {"Q8_0": GGUFFormat("Q8_0", 8, 0, 32, 128, 0, False), "Q5_0": GGUFFormat("Q5_0", 4, 1, 32, 16, 0, False),
-           "Q4_K": GGUFFormat("Q4_K", 4, 0, 32, 0, 256, True), "Q6_K": GGUFFormat("Q6_K", 4, 2, 16, 32, 256, False)}
-NATIVE_BPW = {"Q8_0": 34 * 8 / 32, "Q5_0": 22 * 8 / 32, "Q4_K": 144 * 8 / 256, "Q6_K": 210 * 8 / 256}
+           "Q4_0": GGUFFormat("Q4_0", 4, 0, 32, 8, 0, False),
+           "Q4_K": GGUFFormat("Q4_K", 4, 0, 32, 0, 256, True), "Q5_K": GGUFFormat("Q5_K", 4, 1, 32, 0, 256, True),
+           "Q6_K": GGUFFormat("Q6_K", 4, 2, 16, 32, 256, False)}
+NATIVE_BPW = {"Q8_0": 34 * 8 / 32, "Q5_0": 22 * 8 / 32, "Q4_0": 18 * 8 / 32, "Q4_K": 144 * 8 / 256,
+              "Q5_K": 176 * 8 / 256, "Q6_K": 210 * 8 / 256}
 _TENSORS = ("lo", "hi", "sub", "sub_min", "sup", "sup_min")
 
 

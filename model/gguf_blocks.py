@@ -4,8 +4,11 @@ Block layouts (ggml-common.h, little-endian, QK_K = 256) and the value gguf.quan
 from them, in float32, in this order of operations:
     Q8_0   34 B / 32:   fp16 d, int8 q[32]                                x = d * q
     Q5_0   22 B / 32:   fp16 d, u32 qh, u8 qs[16] (5-bit q)               x = d * (q - 16)
+    Q4_0   18 B / 32:   fp16 d, u8 qs[16] (4-bit q)                       x = d * (q - 8)
     Q4_K  144 B / 256:  fp16 d, fp16 dmin, u8 scales[12] (6-bit sc, m    x = (d * sc[j]) * q - (dmin * m[j])
                         of 8 sub-blocks of 32), u8 qs[128] (4-bit q)
+    Q5_K  176 B / 256:  Q4_K's d, dmin, scales, then u8 qh[32] (bit j   x = (d * sc[j]) * q - (dmin * m[j])
+                        of qh[i]: bit 4 of value 32j + i), u8 qs[128]
     Q6_K  210 B / 256:  u8 ql[128], u8 qh[64] (6-bit q), int8 sc[16]     x = (d * sc[j]) * (q - 32)
                         (16 sub-blocks of 16), fp16 d
 Each unpacker mirrors gguf.quants' own reshapes, so value v of a block comes from the same bytes as there
@@ -13,10 +16,10 @@ Each unpacker mirrors gguf.quants' own reshapes, so value v of a block comes fro
 
 The fields (``BlockFields``), all in the tensor's (N, K) orientation, one row per output:
     codes    uint8 (N, K): the unsigned code u; q = u - offset (offset 128 / 16 / 0 / 32 for the types above)
-    sub      (N, K // sub_rows): fp16 d (Q8_0, Q5_0), uint8 sc (Q4_K), int8 sc (Q6_K)
-    sub_min  uint8 (N, K // 32): Q4_K's m, else None
-    sup      fp16 (N, K // 256): the super-block d of Q4_K / Q6_K, else None
-    sup_min  fp16 (N, K // 256): Q4_K's dmin, else None
+    sub      (N, K // sub_rows): fp16 d (Q8_0, Q5_0, Q4_0), uint8 sc (Q4_K, Q5_K), int8 sc (Q6_K)
+    sub_min  uint8 (N, K // 32): Q4_K's / Q5_K's m, else None
+    sup      fp16 (N, K // 256): the super-block d of Q4_K / Q5_K / Q6_K, else None
+    sup_min  fp16 (N, K // 256): Q4_K's / Q5_K's dmin, else None
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}  # (bytes, values)
+BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_0": (18, 32), "Q4_K": (144, 256), "Q5_K": (176, 256),
+               "Q6_K": (210, 256)}  # (bytes, values)
 
 
 @dataclass
@@ -70,6 +74,11 @@ def _q5_0(b):
     return (lo | (hi << 4)).to(torch.uint8), _f16(b[:, :2]), None, None, None
 
 
+def _q4_0(b):
+    qs = b[:, 2:].to(torch.int32)
+    return torch.cat([qs & 0x0F, qs >> 4], 1).to(torch.uint8), _f16(b[:, :2]), None, None, None
+
+
 def q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """12 packed bytes per block -> 8 six-bit scales and 8 six-bit mins (gguf.quants.Q4_K.get_scale_min)."""
     s = scales.to(torch.int32).reshape(-1, 3, 4)
@@ -86,6 +95,14 @@ def _q4_k(b):
     return codes, sc, mn, _f16(b[:, :2]), _f16(b[:, 2:4])
 
 
+def _q5_k(b):
+    sc, mn = q4_k_scale_min(b[:, 4:16])
+    qh = (b[:, 16:48].to(torch.int32)[:, None, :] >> torch.arange(8, dtype=torch.int32).view(1, 8, 1)) & 1
+    qs = b[:, 48:].to(torch.int32).reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.int32).view(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(-1, 256) | (qh.reshape(-1, 256) << 4)  # value 32j + i: bit j of qh[i] on top
+    return codes.to(torch.uint8), sc, mn, _f16(b[:, :2]), _f16(b[:, 2:4])
+
+
 def _q6_k(b):
     ql = b[:, :128].to(torch.int32).reshape(-1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.int32).view(1, 1, 2, 1)
     ql = (ql & 0x0F).reshape(-1, 8, 32)
@@ -96,4 +113,4 @@ def _q6_k(b):
     return codes, b[:, 192:208].contiguous().view(torch.int8), None, _f16(b[:, 208:210]), None
 
 
-_UNPACK = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+_UNPACK = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}

@@ -1,7 +1,7 @@
 """GGUF projections kept quantized in device memory (issue 11): with ops that run quantized weights (TritonOps) and
-``quantization="auto"``, the seven projections of every layer whose GGUF types the kernel reads (Q8_0, Q5_0,
-Q4_K, Q6_K) load as kernels/gguf_linear.py weights, repacked from the file's blocks, never dequantized. Everything
-else streams through the usual dequantize-at-load path (model/gguf_loader.py -> model/weights.py):
+``quantization="auto"``, the seven projections of every layer whose GGUF types the kernel reads (Q8_0, Q5_0, Q4_0,
+Q4_K, Q5_K, Q6_K) load as kernels/gguf_linear.py weights, repacked from the file's blocks, never dequantized.
+Everything else streams through the usual dequantize-at-load path (model/gguf_loader.py -> model/weights.py):
 - the torch ops (CPU) and ``quantization="none"``: all of it;
 - a fused projection (qkv, gate_up) with any part of another type (F16, Q4_0, Q5_K, ...): that whole projection,
   dequantized as before (logged), so one odd tensor costs memory, never correctness;
@@ -26,11 +26,12 @@ from collections.abc import Iterator
 
 import torch
 
+from qwen2_triton.kernels.gguf_linear import FORMATS
 from qwen2_triton.model.quantization import QUANTIZATION_CHOICES
 
 log = logging.getLogger(__name__)
 
-KERNEL_TYPES = ("Q8_0", "Q5_0", "Q4_K", "Q6_K")  # kernels/gguf_linear.py FORMATS
+KERNEL_TYPES = tuple(FORMATS)  # the GGUF types kernels/gguf_linear.py reads
 # fused parameter -> (module, checkpoint parts in output order)
 PROJECTIONS = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
                "gate_up_proj": ("mlp", ("gate_proj", "up_proj")), "down_proj": ("mlp", ("down_proj",))}

@@ -28,7 +28,7 @@ class EngineConfig:
         quantization: for a GPTQ / AWQ checkpoint (config.json quantization_config): "auto" keeps its projections
             packed and runs them through the Triton weight-only kernels (kernels/quant_linear.py) when kernels are
             Triton, and dequantizes them once at load to ``dtype`` with kernels=torch; "none" always dequantizes
-            at load. A GGUF file likewise: "auto" with Triton kernels keeps its Q8_0 / Q5_0 / Q4_K / Q6_K
+            at load. A GGUF file likewise: "auto" with Triton kernels keeps its Q8_0 / Q5_0 / Q4_0 / Q4_K / Q5_K / Q6_K
             projections and lm_head in their blocks' bits (kernels/gguf_linear.py); other types, the embedding, and
             everything on the torch path or with "none", are dequantized at load.
         generation_config: "auto" takes temperature/top_p/top_k/repetition_penalty/min_p/max_new_tokens from the

@@ -157,9 +157,8 @@ def random_weight(shape: QuantShape, device: torch.device) -> QuantWeight | GGUF
 
     if shape.kernel == "gguf_linear":
         f = FORMATS[shape.format]
-        sub_dtype = {"Q8_0": torch.float16, "Q5_0": torch.float16, "Q4_K": torch.uint8, "Q6_K": torch.int8}
         return GGUFWeight(f.name, words(f.lo_bits), words(f.hi_bits) if f.hi_bits else None,
-                          small(k // f.sub_rows, sub_dtype[f.name]), small(k // 32, torch.uint8) if f.has_min else None,
+                          small(k // f.sub_rows, f.sub_dtype), small(k // 32, torch.uint8) if f.has_min else None,
                           small(k // 256) if f.super_rows else None, small(k // 256) if f.has_min else None, k, n)
     groups = k // shape.group
     zeros = small(groups) if "+zeros" in shape.format else None

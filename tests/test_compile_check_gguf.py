@@ -11,10 +11,10 @@ from qwen2_triton.kernels.compile_check_gguf import gguf_variants
 def test_variants_cover_every_type_with_fusion_off():
     vs = gguf_variants(["bf16", "fp16", "fp32"], 90)
     labels = {v.label for v in vs}
-    assert labels == {f"bf16 {q} M={m} K=896" for q in ("Q8_0", "Q5_0") for m in (1, 256)} | \
-        {f"bf16 {q} M={m} K=18944" for q in ("Q4_K", "Q6_K") for m in (1, 32, 256)} | \
+    assert labels == {f"bf16 {q} M={m} K=896" for q in ("Q8_0", "Q5_0", "Q4_0") for m in (1, 256)} | \
+        {f"bf16 {q} M={m} K=18944" for q in ("Q4_K", "Q5_K", "Q6_K") for m in (1, 32, 256)} | \
         {f"fp16 Q4_K M={m} K=18944" for m in (1, 32, 256)} | \
-        {f"bf16 {q} M={m} K=18944 cand={t}" for q in ("Q4_K", "Q6_K")  # the tuning candidates past the default
+        {f"bf16 {q} M={m} K=18944 cand={t}" for q in ("Q4_K", "Q5_K", "Q6_K")  # tuning candidates past the default
          for m, tiles in ((1, ("16x128x128w8s3", "16x64x64w4s4")), (32, ("32x64x64w4s3",)),
                           (256, ("128x128x64w8s3", "64x64x64w4s3")))
          for t in tiles}
@@ -27,10 +27,12 @@ def test_gguf_variants_compile_without_spills(capfd, tmp_path):
     out = capfd.readouterr().out
     assert rc == 0, out
     rows = [r for r in out.splitlines() if r.startswith("gguf_linear_kernel")]
-    assert len(rows) == 46 and all(r.rstrip().endswith("ok") for r in rows), out
+    assert len(rows) == 66 and all(r.rstrip().endswith("ok") for r in rows), out
     q4k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q4_K*.ptx"))
     assert len(q4k) == 22  # the default and candidate tiles at M=1, 32 and 256, bf16 and fp16, two archs
-    for path in q4k:
+    q5k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q5_K*.ptx"))
+    assert len(q5k) == 16  # the same in bf16: Q5_K's min path is Q4_K's
+    for path in q4k + q5k:
         with open(path) as f:
             ptx = f.read()
         assert "fma.rn.f32" not in ptx and "sub.rn.f32" in ptx, path  # fusion on: 64 fma, no sub (M=1, sm_90)

@@ -184,6 +184,33 @@ def test_lm_head_stays_quantized(tmp_path, demo_blocks, head, tied):
     torch.testing.assert_close(lp, ref, atol=TOL, rtol=0)
     assert tokens == ref_tokens
 
+def test_q5_k_m_and_q4_0_files_stay_quantized(tmp_path, demo_blocks):
+    """The types of Q5_K_M / Q5_K_S and legacy Q4_0 files, which the demo (Q4_K_M) does not use: layer 0's
+    projections as Q5_K (random blocks with sane d, dmin) and Q4_0 (blocks gguf.quants wrote), fused with each other
+    and with the demo's types in layer 1. They load as GGUF weights and give the torch path's log-probs and tokens."""
+    from gguf.quants import quantize
+    from test_kernel_gguf_linear import random_blocks
+
+    rng = np.random.default_rng(7)
+    # d, dmin of 1e-5..4e-5 put the typical |weight| (d * sc * q - dmin * m, sc, m < 64, q < 32) near the demo's
+    # real ones (~0.02), so the model's activations, and the fp32 rounding TOL allows for, are of the same size
+    blocks = {**demo_blocks, "Q5_K": random_blocks("Q5_K", 8, 256 * 160, seed=3, d_range=(1e-5, 4e-5)).reshape(-1, 176),
+              "Q4_0": quantize((0.05 * rng.standard_normal((96, 4096))).astype(np.float32), QT.Q4_0).reshape(-1, 18)}
+    types = [{"attn_q": "Q5_K", "attn_k": "Q5_K", "attn_v": "Q4_0", "attn_output": "Q5_K", "ffn_gate": "Q4_0",
+              "ffn_up": "Q5_K", "ffn_down": "Q4_0"}, TYPES[1]]
+    path = write_gguf(tmp_path / "q5km.gguf", blocks, types=types)
+    tri = llm(path, "triton")
+    kinds = _kinds(tri)
+    assert not any(isinstance(w, torch.Tensor) for w in kinds.values())
+    qkv, gu = kinds["0.self_attn.qkv_proj"], kinds["0.mlp.gate_up_proj"]
+    assert [p.qtype for p in qkv.parts] == ["Q5_K", "Q4_0"] and [p.qtype for p in gu.parts] == ["Q4_0", "Q5_K"]
+    assert (kinds["0.self_attn.o_proj"].qtype, kinds["0.mlp.down_proj"].qtype) == ("Q5_K", "Q4_0")
+    ref, ref_tokens = prompt_logprobs(llm(path, "torch"), max_tokens=3)
+    lp, tokens = prompt_logprobs(tri, max_tokens=3)
+    assert ref.std() > 0.3
+    torch.testing.assert_close(lp, ref, atol=TOL, rtol=0)
+    assert tokens == ref_tokens
+
 def test_quantization_none_and_torch_ops_dequantize(tiny, torch_ref):
     dense = llm(tiny, "triton", quantization="none")
     assert all(isinstance(p, torch.Tensor) for p in dense.model.params.values())

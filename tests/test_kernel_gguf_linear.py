@@ -1,6 +1,7 @@
 """GGUF weight-only linear (kernels/gguf_linear.py): the repacked layout against model/dequant.py (gguf.quants, an
 independent decoder of the file's blocks) bit for bit, and the kernel against the dequantize-then-matmul
-reference, on random blocks and on real blocks sliced from the demo model's tensors of each type."""
+reference, on random blocks of every type and on real blocks sliced from the demo model's tensors of its four
+types (Q4_0 and Q5_K, which the demo does not use, also get blocks gguf.quants itself wrote for Q4_0)."""
 import numpy as np
 import pytest
 import torch
@@ -17,20 +18,24 @@ from qwen2_triton.model.gguf_blocks import BLOCK_BYTES, unpack_blocks
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2 ** -7),
        torch.float16: dict(atol=2e-3, rtol=2 ** -10)}
 QTYPES = tuple(FORMATS)
-D_BYTES = {"Q8_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}  # offsets of the fp16 d (and dmin)
-# d ranges that put the largest |weight| (d * 127, d * 16, d * 63 * 15, d * 128 * 32) near 1, as in a trained
-# model: the fp32 tolerance is for outputs and partial sums of order 10, not the 1e3 of random scales on Q6_K.
-D_RANGE = {"Q8_0": (2e-3, 8e-3), "Q5_0": (1e-2, 6e-2), "Q4_K": (2e-4, 1e-3), "Q6_K": (5e-5, 2.5e-4)}
+DEMO_TYPES = ("Q8_0", "Q5_0", "Q4_K", "Q6_K")  # the demo model's (Q4_K_M)
+D_BYTES = {"Q8_0": (0,), "Q5_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+           "Q6_K": (208,)}  # offsets of the fp16 d (and dmin)
+# d ranges that put the largest |weight| (d * 127, d * 16, d * 8, d * 63 * 15, d * 63 * 31, d * 128 * 32) near 1, as
+# in a trained model: the fp32 tolerance is for outputs and partial sums of order 10, not the 1e3 of random scales.
+D_RANGE = {"Q8_0": (2e-3, 8e-3), "Q5_0": (1e-2, 6e-2), "Q4_0": (2e-2, 1.2e-1), "Q4_K": (2e-4, 1e-3),
+           "Q5_K": (1e-4, 5e-4), "Q6_K": (5e-5, 2.5e-4)}
 
 
-def random_blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
-    """uint8 (n, row bytes): random bytes, every fp16 d / dmin a finite value in D_RANGE (random bytes would give
-    NaN and inf there; the file's writers never do)."""
+def random_blocks(qtype: str, n: int, k: int, seed: int, d_range: tuple | None = None) -> np.ndarray:
+    """uint8 (n, row bytes): random bytes, every fp16 d / dmin a finite value in ``d_range`` (default D_RANGE;
+    random bytes would give NaN and inf there, which the file's writers never do)."""
     nbytes, nvals = BLOCK_BYTES[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (n * k // nvals, nbytes), dtype=np.uint8)
     for off in D_BYTES[qtype]:
-        raw[:, off: off + 2] = rng.uniform(*D_RANGE[qtype], (raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+        raw[:, off: off + 2] = rng.uniform(*(d_range or D_RANGE[qtype]), (raw.shape[0], 1)).astype(np.float16) \
+            .view(np.uint8)
     return raw.reshape(n, -1)
 
 
@@ -43,7 +48,7 @@ def demo_tensors(demo_gguf):
     for t in read_gguf(demo_gguf).tensors:
         if t.tensor_type.name in FORMATS and t.name.startswith("blk.") and t.tensor_type.name not in out:
             out[t.tensor_type.name] = (np.asarray(t.data), t.tensor_type)
-    assert set(out) == set(FORMATS)
+    assert set(out) == set(DEMO_TYPES)
     return out
 
 
@@ -63,10 +68,20 @@ def weight(raw: np.ndarray, qtype: str) -> tuple[GGUFWeight, torch.Tensor]:
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_layout_holds_the_files_values_bit_for_bit(qtype, demo_tensors):
-    for raw in (random_blocks(qtype, 40, 512, seed=1), real_blocks(demo_tensors, qtype, 96, 512)):
+    for raw in (random_blocks(qtype, 40, 512, seed=1), random_blocks(qtype, 24, 768, seed=2)):
         w, dense = weight(raw, qtype)
         assert torch.equal(dequantize(w), dense)
         assert w.nbytes * 8 / dense.numel() == FORMATS[qtype].bits_per_weight
+    if qtype == "Q4_0":  # blocks gguf.quants' own Q4_0 writer made from a real weight (it writes no K-quant)
+        from gguf.quants import quantize
+
+        raw = quantize(np.asarray(weight(real_blocks(demo_tensors, "Q8_0", 64, 512), "Q8_0")[1]), QT.Q4_0)
+        w, dense = weight(raw, qtype)
+        assert torch.equal(dequantize(w), dense) and dense.abs().max() > 0
+    if qtype not in DEMO_TYPES:
+        return
+    w, dense = weight(real_blocks(demo_tensors, qtype, 96, 512), qtype)
+    assert torch.equal(dequantize(w), dense)
     # the whole first demo tensor of the type (every row, every block), not only a slice
     raw, qt = demo_tensors[qtype]
     w, dense = weight(raw, qtype)
@@ -74,10 +89,11 @@ def test_layout_holds_the_files_values_bit_for_bit(qtype, demo_tensors):
 
 
 def test_bits_per_weight():
-    """Ours vs the file's (the kernel layout's docstring): equal but for Q4_K's byte-wide 6-bit sc and m."""
-    assert {q: FORMATS[q].bits_per_weight for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_K": 4.625,
-                                                                "Q6_K": 6.5625}
-    assert {q: NATIVE_BPW[q] for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_K": 4.5, "Q6_K": 6.5625}
+    """Ours vs the file's (the kernel layout's docstring): equal but for the K-quants' byte-wide 6-bit sc and m."""
+    assert {q: FORMATS[q].bits_per_weight for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5, "Q4_K": 4.625,
+                                                                "Q5_K": 5.625, "Q6_K": 6.5625}
+    assert {q: NATIVE_BPW[q] for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5,
+                                                   "Q6_K": 6.5625}
 
 
 def _check(w, dense, rows, dtype, device, seed, bias=True):
@@ -103,7 +119,7 @@ def test_kernel_matches_reference_random_blocks(qtype, rows, dtype, device):
 
 
 @pytest.mark.parametrize("rows", [1, 17])
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", DEMO_TYPES)
 def test_kernel_matches_reference_real_blocks(qtype, rows, demo_tensors, device):
     """Real blocks of the demo model; K = 768 is three K tiles of 256 for 17 rows, a tail for BLOCK_K 128 splits."""
     w, dense = weight(real_blocks(demo_tensors, qtype, 72, 768), qtype)
@@ -112,7 +128,7 @@ def test_kernel_matches_reference_real_blocks(qtype, rows, demo_tensors, device)
 
 
 @pytest.mark.parametrize("split", [1, 3, 5])
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
 def test_split_k_uneven_and_gpu_fp32_tiles(qtype, split, device):
     """The GPU's fp32 tile (16 x 32 x 32: a 32-row tile inside a 256-row super-block, Q6_K's 16-row scales two per
     tile) with explicit split counts: 16 K tiles in 3 splits of 6, 6, 4 and 5 of 4, 4, 4, 4."""
@@ -168,9 +184,9 @@ def test_bad_inputs(device):
         gguf_linear(torch.randn(256, 2, device=device).t(), w)
     with pytest.raises(ValueError, match="multiple of 32"):
         gguf_linear(torch.randn(2, 256, device=device), w, config=QuantConfig(16, 32, 16, 1, 4, 2))
-    with pytest.raises(ValueError, match="GGUF type Q5_K has no block unpacker"):
-        unpack_blocks(np.zeros((4, 176), dtype=np.uint8), "Q5_K")
-    with pytest.raises(ValueError, match="no GGUF kernel layout for type Q4_0"):
-        pack_gguf_weight("Q4_0", torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1).half())
+    with pytest.raises(ValueError, match="GGUF type Q3_K has no block unpacker"):
+        unpack_blocks(np.zeros((4, 110), dtype=np.uint8), "Q3_K")
+    with pytest.raises(ValueError, match="no GGUF kernel layout for type Q4_1"):
+        pack_gguf_weight("Q4_1", torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1).half())
     with pytest.raises(ValueError, match="whole 144-byte blocks"):
         unpack_blocks(np.zeros((4, 100), dtype=np.uint8), "Q4_K")
