@@ -1,18 +1,19 @@
 """The GGUF weight-only kernel's variants for kernels/compile_check.py (issue 11), captured from its real launcher.
 
 A handful, to keep the check's time small: each type's constexpr set (Q8_0: 8-bit words; Q5_0: a 1-bit high plane;
-Q4_0: neither; Q4_K: the min path; Q5_K: the min path and a high plane; Q6_K: a 2-bit high plane and 16-row
-scales) at batch-1 decode (split-K; M=1 is a Triton constant), a 32-row small step (split-K, 32-row tiles; the
-K-quants) and a 256-row prefill, in bf16; fp16 for Q4_K, with the most live tiles of the demo's types (scales, d,
-mins). K-quants at Qwen2-7B's down_proj (K 18944 = 74 super-blocks: every Qwen2 K-quant K is a multiple of 256, so
-the specialisation is the same); Q5_0 / Q8_0 / Q4_0 at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own
-layout.
+Q4_0: neither; Q5_1, Q4_1: an added fp16 min, with and without the high plane; Q4_K: the min path; Q5_K: the min
+path and a high plane; Q6_K: a 2-bit high plane and 16-row scales) at batch-1 decode (split-K; M=1 is a Triton
+constant), a 32-row small step (split-K, 32-row tiles; the K-quants) and a 256-row prefill, in bf16; fp16 for Q4_K,
+with the most live tiles of the demo's types (scales, d, mins). K-quants at Qwen2-7B's down_proj (K 18944 = 74
+super-blocks: every Qwen2 K-quant K is a multiple of 256, so the specialisation is the same); the 32-value block
+types at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own layout.
 """
 from __future__ import annotations
 
 GGUF_SHAPES = {"Q4_K": (18944, 3584, False), "Q5_K": (18944, 3584, False), "Q6_K": (18944, 3584, False),  # K, N, bias
-               "Q5_0": (896, 1152, True), "Q8_0": (896, 1152, True), "Q4_0": (896, 1152, True)}
-GGUF_DTYPES = {"bf16": ("Q8_0", "Q5_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"), "fp16": ("Q4_K",)}
+               "Q5_0": (896, 1152, True), "Q8_0": (896, 1152, True), "Q4_0": (896, 1152, True),
+               "Q5_1": (896, 1152, True), "Q4_1": (896, 1152, True)}
+GGUF_DTYPES = {"bf16": ("Q8_0", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "Q4_K", "Q5_K", "Q6_K"), "fp16": ("Q4_K",)}
 # The tuning candidates (gguf_candidates) beyond the heuristic: Q4_K and Q5_K (scales, d and mins live per tile;
 # Q5_K a high plane too) and Q6_K (two planes, 16-row scales) in bf16, the types with the most registers.
 CANDIDATE_TYPES = {"bf16": ("Q4_K", "Q5_K", "Q6_K")}
@@ -35,9 +36,10 @@ def gguf_variants(dtypes, cap: int | None = None) -> list:
             w = GGUFWeight(qtype, torch.empty(k * f.lo_bits // 32, n, dtype=torch.int32),
                            torch.empty(k * f.hi_bits // 32, n, dtype=torch.int32) if f.hi_bits else None,
                            torch.empty(k // f.sub_rows, n, dtype=f.sub_dtype),
-                           torch.empty(k // 32, n, dtype=torch.uint8) if f.has_min else None,
+                           torch.empty(k // 32, n, dtype=f.min_dtype) if f.has_min else None,
                            torch.empty(k // 256, n, dtype=torch.float16) if f.super_rows else None,
-                           torch.empty(k // 256, n, dtype=torch.float16) if f.has_min else None, k, n)
+                           torch.empty(k // 256, n, dtype=torch.float16) if f.has_min and f.super_rows else None,
+                           k, n)
             for cp in [cap] if cap is not None else sorted(QUANT_SM_COUNT):
                 for m in ((1, 32, 256) if qtype in SMALL_STEP_TYPES else (1, 256)):
                     x = torch.empty(m, k, dtype=tdt[dt])

@@ -1,9 +1,11 @@
-"""Weight-only linear over GGUF block types (Q8_0, Q5_0, Q4_0, Q4_K, Q5_K, Q6_K: the types of the Q4_0, Q4_K_M/S,
-Q5_K_M/S, Q6_K and Q8_0 files): out = x @ W^T + bias, W rebuilt on the fly.
+"""Weight-only linear over GGUF block types (Q8_0, Q5_0, Q4_0, Q5_1, Q4_1, Q4_K, Q5_K, Q6_K: every type of the
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 files and of the Q4_K and Q5_K ones, including the fallbacks llama.cpp writes for rows
+that are not whole 256-value super-blocks): out = x @ W^T + bias, W rebuilt on the fly.
 
 Per weight, in float32 and in the order gguf.quants / model/dequant.py use (so the value is bit-identical to the
 dequantize-at-load path), with q = u - OFFSET the signed code of the unsigned code u:
     Q8_0, Q5_0, Q4_0:  w = d[b] * q                    (d per 32-row block)
+    Q5_1, Q4_1:        w = d[b] * q + m[b]             (fp16 d and m per 32-row block)
     Q6_K:              w = (d[B] * sc[j]) * q          (int8 sc per 16 rows, fp16 d per 256)
     Q4_K, Q5_K:        w = (d[B] * sc[j]) * q - (dmin[B] * m[j])   (6-bit sc, m per 32 rows, fp16 d, dmin per 256)
 rounded once to the activation dtype for the tensor-core dot: the two paths differ only in summation order. The
@@ -15,9 +17,11 @@ ours): everything transposed to (rows along K, N) so a warp's lanes read consecu
 kernels/quant_linear.py.
     lo      int32 (K / pack, N): the low LO_BITS of u (8 for Q8_0, else 4), ``32 / LO_BITS`` rows per word
     hi      int32 (K / (32 / HI_BITS), N): the bits above 4 (Q5_0, Q5_K: 1, Q6_K: 2), else None
-    sub     (K / SUB, N): fp16 d (Q8_0, Q5_0, Q4_0), uint8 sc (Q4_K, Q5_K), int8 sc (Q6_K)
-    sub_min uint8 (K / 32, N): Q4_K's / Q5_K's m;  sup, sup_min fp16 (K / 256, N): d (and dmin) of the K-quants
-Bits per weight, ours vs the file's: Q8_0 8.5, Q5_0 5.5, Q4_0 4.5 and Q6_K 6.5625 the same; Q4_K 4.625 vs 4.5 and
+    sub     (K / SUB, N): fp16 d (the 32-value block types), uint8 sc (Q4_K, Q5_K), int8 sc (Q6_K)
+    sub_min (K / 32, N): fp16 m (Q5_1, Q4_1), uint8 m (Q4_K, Q5_K);  sup, sup_min fp16 (K / 256, N): d (and dmin)
+            of the K-quants
+Bits per weight, ours vs the file's: Q8_0 8.5, Q5_0 5.5, Q4_0 4.5, Q5_1 6, Q4_1 5 and Q6_K 6.5625 the same; Q4_K
+4.625 vs 4.5 and
 Q5_K 5.625 vs 5.5 (+2.8%, +2.3%): their 6-bit sc/m are unpacked to one byte each, so a tile reads its scales with
 two plain loads instead of reassembling them from the 12-byte packing across sub-blocks (bits split over bytes
 0-3 and 8-11).
@@ -47,12 +51,17 @@ class GGUFFormat:
     sub_rows: int  # rows per ``sub`` scale
     offset: int  # q = u - offset
     super_rows: int  # rows per ``sup`` (0: none)
-    has_min: bool
+    has_min: bool  # a min per 32 rows: subtracted, times dmin, with super-blocks (Q4_K, Q5_K); added without (Q4_1)
 
     @property
     def sub_dtype(self) -> torch.dtype:
         """The ``sub`` field's: fp16 d of a 32-value block, or a K-quant's sub-block scale (Q6_K's signed)."""
         return torch.float16 if self.super_rows == 0 else torch.int8 if self.name == "Q6_K" else torch.uint8
+
+    @property
+    def min_dtype(self) -> torch.dtype:
+        """The ``sub_min`` field's: a K-quant's 6-bit m as a byte, or a 32-value block's fp16 m."""
+        return torch.uint8 if self.super_rows else torch.float16
 
     @property
     def bits_per_weight(self) -> float:
@@ -62,10 +71,12 @@ class GGUFFormat:
 
 
 FORMATS = {"Q8_0": GGUFFormat("Q8_0", 8, 0, 32, 128, 0, False), "Q5_0": GGUFFormat("Q5_0", 4, 1, 32, 16, 0, False),
-           "Q4_0": GGUFFormat("Q4_0", 4, 0, 32, 8, 0, False),
+           "Q4_0": GGUFFormat("Q4_0", 4, 0, 32, 8, 0, False), "Q5_1": GGUFFormat("Q5_1", 4, 1, 32, 0, 0, True),
+           "Q4_1": GGUFFormat("Q4_1", 4, 0, 32, 0, 0, True),
            "Q4_K": GGUFFormat("Q4_K", 4, 0, 32, 0, 256, True), "Q5_K": GGUFFormat("Q5_K", 4, 1, 32, 0, 256, True),
            "Q6_K": GGUFFormat("Q6_K", 4, 2, 16, 32, 256, False)}
-NATIVE_BPW = {"Q8_0": 34 * 8 / 32, "Q5_0": 22 * 8 / 32, "Q4_0": 18 * 8 / 32, "Q4_K": 144 * 8 / 256,
+NATIVE_BPW = {"Q8_0": 34 * 8 / 32, "Q5_0": 22 * 8 / 32, "Q4_0": 18 * 8 / 32, "Q5_1": 24 * 8 / 32, "Q4_1": 20 * 8 / 32,
+              "Q4_K": 144 * 8 / 256,
               "Q5_K": 176 * 8 / 256, "Q6_K": 210 * 8 / 256}
 _TENSORS = ("lo", "hi", "sub", "sub_min", "sup", "sup_min")
 
@@ -154,9 +165,11 @@ def dequantize(w: GGUFWeight) -> torch.Tensor:
     if w.sup is not None:
         s = w.sup.float().repeat_interleave(f.super_rows // f.sub_rows, 0) * s
     wk = s.repeat_interleave(f.sub_rows, 0) * q
-    if f.has_min:
+    if f.has_min and f.super_rows:
         mn = w.sup_min.float().repeat_interleave(f.super_rows // 32, 0) * w.sub_min.float()
         wk = wk - mn.repeat_interleave(32, 0)
+    elif f.has_min:
+        wk = wk + w.sub_min.float().repeat_interleave(32, 0)
     return wk.t().contiguous()
 
 
@@ -240,11 +253,14 @@ def gguf_linear_kernel(x_ptr, lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_
             s = tl.load(sup_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
                         other=0.0).to(tl.float32) * s  # d * sc
         w = _per_row(s, SUB, BLOCK_K, BLOCK_N) * q
-        if HAS_MIN:  # Q4_K: SUB == 32, one m per sub-block
+        if HAS_MIN and SUPER > 0:  # Q4_K, Q5_K: SUB == 32, one m per sub-block
             mn = tl.load(supmin_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
                          other=0.0).to(tl.float32) * \
                 tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
             w = w - _per_row(mn, SUB, BLOCK_K, BLOCK_N)
+        elif HAS_MIN:  # Q4_1, Q5_1: SUB == 32, an fp16 m per block, added
+            mn = tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0.0).to(tl.float32)
+            w = w + _per_row(mn, SUB, BLOCK_K, BLOCK_N)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -5,6 +5,8 @@ from them, in float32, in this order of operations:
     Q8_0   34 B / 32:   fp16 d, int8 q[32]                                x = d * q
     Q5_0   22 B / 32:   fp16 d, u32 qh, u8 qs[16] (5-bit q)               x = d * (q - 16)
     Q4_0   18 B / 32:   fp16 d, u8 qs[16] (4-bit q)                       x = d * (q - 8)
+    Q5_1   24 B / 32:   fp16 d, fp16 m, u32 qh, u8 qs[16] (5-bit q)       x = d * q + m
+    Q4_1   20 B / 32:   fp16 d, fp16 m, u8 qs[16] (4-bit q)               x = d * q + m
     Q4_K  144 B / 256:  fp16 d, fp16 dmin, u8 scales[12] (6-bit sc, m    x = (d * sc[j]) * q - (dmin * m[j])
                         of 8 sub-blocks of 32), u8 qs[128] (4-bit q)
     Q5_K  176 B / 256:  Q4_K's d, dmin, scales, then u8 qh[32] (bit j   x = (d * sc[j]) * q - (dmin * m[j])
@@ -17,7 +19,7 @@ Each unpacker mirrors gguf.quants' own reshapes, so value v of a block comes fro
 The fields (``BlockFields``), all in the tensor's (N, K) orientation, one row per output:
     codes    uint8 (N, K): the unsigned code u; q = u - offset (offset 128 / 16 / 0 / 32 for the types above)
     sub      (N, K // sub_rows): fp16 d (Q8_0, Q5_0, Q4_0), uint8 sc (Q4_K, Q5_K), int8 sc (Q6_K)
-    sub_min  uint8 (N, K // 32): Q4_K's / Q5_K's m, else None
+    sub_min  (N, K // 32): uint8 m of Q4_K / Q5_K, fp16 m of Q5_1 / Q4_1, else None
     sup      fp16 (N, K // 256): the super-block d of Q4_K / Q5_K / Q6_K, else None
     sup_min  fp16 (N, K // 256): Q4_K's / Q5_K's dmin, else None
 """
@@ -28,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_0": (18, 32), "Q4_K": (144, 256), "Q5_K": (176, 256),
-               "Q6_K": (210, 256)}  # (bytes, values)
+BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_0": (18, 32), "Q5_1": (24, 32), "Q4_1": (20, 32),
+               "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256)}  # (bytes, values)
 
 
 @dataclass
@@ -66,17 +68,33 @@ def _q8_0(b):
     return (q.to(torch.int16) + 128).to(torch.uint8), _f16(b[:, :2]), None, None, None
 
 
-def _q5_0(b):
-    qh = b[:, 2:6].contiguous().view(torch.int32)  # (n, 1): bit j is bit 4 of value j
-    qs = b[:, 6:].to(torch.int32)
-    lo = torch.cat([qs & 0x0F, qs >> 4], 1)  # values 0..15 from the low nibbles, 16..31 from the high ones
+def _five_bits(qh_qs: torch.Tensor) -> torch.Tensor:
+    """u32 qh then u8 qs[16] -> 32 five-bit codes: bit j of qh is bit 4 of value j."""
+    qh = qh_qs[:, :4].contiguous().view(torch.int32)
     hi = (qh >> torch.arange(32, dtype=torch.int32)) & 1
-    return (lo | (hi << 4)).to(torch.uint8), _f16(b[:, :2]), None, None, None
+    return (_four_bits(qh_qs[:, 4:]) | (hi << 4)).to(torch.uint8)
+
+
+def _four_bits(qs: torch.Tensor) -> torch.Tensor:
+    """u8 qs[16] -> 32 four-bit codes (int32): values 0..15 from the low nibbles, 16..31 from the high ones."""
+    qs = qs.to(torch.int32)
+    return torch.cat([qs & 0x0F, qs >> 4], 1)
+
+
+def _q5_0(b):
+    return _five_bits(b[:, 2:]), _f16(b[:, :2]), None, None, None
 
 
 def _q4_0(b):
-    qs = b[:, 2:].to(torch.int32)
-    return torch.cat([qs & 0x0F, qs >> 4], 1).to(torch.uint8), _f16(b[:, :2]), None, None, None
+    return _four_bits(b[:, 2:]).to(torch.uint8), _f16(b[:, :2]), None, None, None
+
+
+def _q5_1(b):
+    return _five_bits(b[:, 4:]), _f16(b[:, :2]), _f16(b[:, 2:4]), None, None
+
+
+def _q4_1(b):
+    return _four_bits(b[:, 4:]).to(torch.uint8), _f16(b[:, :2]), _f16(b[:, 2:4]), None, None
 
 
 def q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,4 +131,5 @@ def _q6_k(b):
     return codes, b[:, 192:208].contiguous().view(torch.int8), None, _f16(b[:, 208:210]), None
 
 
-_UNPACK = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_UNPACK = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_0": _q4_0, "Q5_1": _q5_1, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k,
+           "Q6_K": _q6_k}

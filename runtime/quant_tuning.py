@@ -158,8 +158,9 @@ def random_weight(shape: QuantShape, device: torch.device) -> QuantWeight | GGUF
     if shape.kernel == "gguf_linear":
         f = FORMATS[shape.format]
         return GGUFWeight(f.name, words(f.lo_bits), words(f.hi_bits) if f.hi_bits else None,
-                          small(k // f.sub_rows, f.sub_dtype), small(k // 32, torch.uint8) if f.has_min else None,
-                          small(k // 256) if f.super_rows else None, small(k // 256) if f.has_min else None, k, n)
+                          small(k // f.sub_rows, f.sub_dtype), small(k // 32, f.min_dtype) if f.has_min else None,
+                          small(k // 256) if f.super_rows else None,
+                          small(k // 256) if f.has_min and f.super_rows else None, k, n)
     groups = k // shape.group
     zeros = small(groups) if "+zeros" in shape.format else None
     perm = torch.randperm(k, generator=g, device=device).to(torch.int32) if "+perm" in shape.format else None

@@ -184,10 +184,11 @@ def test_lm_head_stays_quantized(tmp_path, demo_blocks, head, tied):
     torch.testing.assert_close(lp, ref, atol=TOL, rtol=0)
     assert tokens == ref_tokens
 
-def test_q5_k_m_and_q4_0_files_stay_quantized(tmp_path, demo_blocks):
-    """The types of Q5_K_M / Q5_K_S and legacy Q4_0 files, which the demo (Q4_K_M) does not use: layer 0's
-    projections as Q5_K (random blocks with sane d, dmin) and Q4_0 (blocks gguf.quants wrote), fused with each other
-    and with the demo's types in layer 1. They load as GGUF weights and give the torch path's log-probs and tokens."""
+def test_q5_k_m_and_legacy_types_stay_quantized(tmp_path, demo_blocks):
+    """The types of Q5_K_M / Q5_K_S files and the legacy ones (llama.cpp's fallbacks for rows that are not whole
+    super-blocks, Qwen2-0.5B's 896), which the demo (Q4_K_M) does not use: layer 0's projections as Q5_K (random
+    blocks with sane d, dmin) and Q5_1, Q4_1, Q4_0 (blocks gguf.quants wrote), fused with each other and with the
+    demo's types in layer 1. They load as GGUF weights and give the torch path's log-probs and tokens."""
     from gguf.quants import quantize
     from test_kernel_gguf_linear import random_blocks
 
@@ -195,16 +196,17 @@ def test_q5_k_m_and_q4_0_files_stay_quantized(tmp_path, demo_blocks):
     # d, dmin of 1e-5..4e-5 put the typical |weight| (d * sc * q - dmin * m, sc, m < 64, q < 32) near the demo's
     # real ones (~0.02), so the model's activations, and the fp32 rounding TOL allows for, are of the same size
     blocks = {**demo_blocks, "Q5_K": random_blocks("Q5_K", 8, 256 * 160, seed=3, d_range=(1e-5, 4e-5)).reshape(-1, 176),
-              "Q4_0": quantize((0.05 * rng.standard_normal((96, 4096))).astype(np.float32), QT.Q4_0).reshape(-1, 18)}
-    types = [{"attn_q": "Q5_K", "attn_k": "Q5_K", "attn_v": "Q4_0", "attn_output": "Q5_K", "ffn_gate": "Q4_0",
+              **{q: quantize((0.05 * rng.standard_normal((64, 4096))).astype(np.float32), QT[q]).reshape(
+                  -1, BLOCK_BYTES[q][0]) for q in ("Q4_0", "Q5_1", "Q4_1")}}
+    types = [{"attn_q": "Q5_K", "attn_k": "Q5_K", "attn_v": "Q5_1", "attn_output": "Q4_1", "ffn_gate": "Q4_0",
               "ffn_up": "Q5_K", "ffn_down": "Q4_0"}, TYPES[1]]
     path = write_gguf(tmp_path / "q5km.gguf", blocks, types=types)
     tri = llm(path, "triton")
     kinds = _kinds(tri)
     assert not any(isinstance(w, torch.Tensor) for w in kinds.values())
     qkv, gu = kinds["0.self_attn.qkv_proj"], kinds["0.mlp.gate_up_proj"]
-    assert [p.qtype for p in qkv.parts] == ["Q5_K", "Q4_0"] and [p.qtype for p in gu.parts] == ["Q4_0", "Q5_K"]
-    assert (kinds["0.self_attn.o_proj"].qtype, kinds["0.mlp.down_proj"].qtype) == ("Q5_K", "Q4_0")
+    assert [p.qtype for p in qkv.parts] == ["Q5_K", "Q5_1"] and [p.qtype for p in gu.parts] == ["Q4_0", "Q5_K"]
+    assert (kinds["0.self_attn.o_proj"].qtype, kinds["0.mlp.down_proj"].qtype) == ("Q4_1", "Q4_0")
     ref, ref_tokens = prompt_logprobs(llm(path, "torch"), max_tokens=3)
     lp, tokens = prompt_logprobs(tri, max_tokens=3)
     assert ref.std() > 0.3
@@ -219,13 +221,13 @@ def test_quantization_none_and_torch_ops_dequantize(tiny, torch_ref):
 
 
 def test_a_type_the_kernel_does_not_read_dequantizes_its_projection(tmp_path, demo_blocks, caplog):
-    """Layer 1's ffn_up as Q5_1: the fused gate_up of layer 1 loads dense (logged), every other projection stays
-    quantized, and the model still equals the torch path."""
+    """Layer 1's ffn_up as F16 (files keep some tensors unquantized): the fused gate_up of layer 1 loads dense
+    (logged), every other projection stays quantized, and the model still equals the torch path."""
     x = np.random.default_rng(3).standard_normal(PROJ["ffn_up"]).astype(np.float32) * 0.05
-    path = write_gguf(tmp_path / "q51.gguf", demo_blocks, extra={"blk.1.ffn_up.weight": (x, QT.Q5_1)})
+    path = write_gguf(tmp_path / "f16.gguf", demo_blocks, extra={"blk.1.ffn_up.weight": (x, QT.F16)})
     with caplog.at_level(logging.INFO, logger="qwen2_triton.model.gguf_quant"):
         tri = llm(path, "triton")
-    assert "model.layers.1.mlp.gate_up_proj (Q5_0+Q5_1)" in caplog.text
+    assert "model.layers.1.mlp.gate_up_proj (Q5_0+F16)" in caplog.text
     kinds = _kinds(tri)
     assert isinstance(kinds["1.mlp.gate_up_proj"], torch.Tensor)
     assert sum(isinstance(w, torch.Tensor) for w in kinds.values()) == 1

@@ -19,12 +19,13 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
        torch.float16: dict(atol=2e-3, rtol=2 ** -10)}
 QTYPES = tuple(FORMATS)
 DEMO_TYPES = ("Q8_0", "Q5_0", "Q4_K", "Q6_K")  # the demo model's (Q4_K_M)
-D_BYTES = {"Q8_0": (0,), "Q5_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
-           "Q6_K": (208,)}  # offsets of the fp16 d (and dmin)
-# d ranges that put the largest |weight| (d * 127, d * 16, d * 8, d * 63 * 15, d * 63 * 31, d * 128 * 32) near 1, as
-# in a trained model: the fp32 tolerance is for outputs and partial sums of order 10, not the 1e3 of random scales.
-D_RANGE = {"Q8_0": (2e-3, 8e-3), "Q5_0": (1e-2, 6e-2), "Q4_0": (2e-2, 1.2e-1), "Q4_K": (2e-4, 1e-3),
-           "Q5_K": (1e-4, 5e-4), "Q6_K": (5e-5, 2.5e-4)}
+D_BYTES = {"Q8_0": (0,), "Q5_0": (0,), "Q4_0": (0,), "Q5_1": (0, 2), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2),
+           "Q6_K": (208,)}  # offsets of the fp16 d (and m or dmin)
+# d ranges that put the largest |weight| (d * 127, d * 16, d * 8, d * 31, d * 15, d * 63 * 15, d * 63 * 31,
+# d * 128 * 32) near 1, as in a trained model: the fp32 tolerance is for outputs and partial sums of order 10, not
+# the 1e3 of random scales.
+D_RANGE = {"Q8_0": (2e-3, 8e-3), "Q5_0": (1e-2, 6e-2), "Q4_0": (2e-2, 1.2e-1), "Q5_1": (1e-2, 3e-2),
+           "Q4_1": (2e-2, 6e-2), "Q4_K": (2e-4, 1e-3), "Q5_K": (1e-4, 5e-4), "Q6_K": (5e-5, 2.5e-4)}
 
 
 def random_blocks(qtype: str, n: int, k: int, seed: int, d_range: tuple | None = None) -> np.ndarray:
@@ -72,10 +73,10 @@ def test_layout_holds_the_files_values_bit_for_bit(qtype, demo_tensors):
         w, dense = weight(raw, qtype)
         assert torch.equal(dequantize(w), dense)
         assert w.nbytes * 8 / dense.numel() == FORMATS[qtype].bits_per_weight
-    if qtype == "Q4_0":  # blocks gguf.quants' own Q4_0 writer made from a real weight (it writes no K-quant)
-        from gguf.quants import quantize
+    if qtype in ("Q4_0", "Q5_1", "Q4_1"):  # blocks gguf.quants' own writer made from a real weight (it writes no
+        from gguf.quants import quantize  # K-quant)
 
-        raw = quantize(np.asarray(weight(real_blocks(demo_tensors, "Q8_0", 64, 512), "Q8_0")[1]), QT.Q4_0)
+        raw = quantize(np.asarray(weight(real_blocks(demo_tensors, "Q8_0", 64, 512), "Q8_0")[1]), QT[qtype])
         w, dense = weight(raw, qtype)
         assert torch.equal(dequantize(w), dense) and dense.abs().max() > 0
     if qtype not in DEMO_TYPES:
@@ -90,10 +91,11 @@ def test_layout_holds_the_files_values_bit_for_bit(qtype, demo_tensors):
 
 def test_bits_per_weight():
     """Ours vs the file's (the kernel layout's docstring): equal but for the K-quants' byte-wide 6-bit sc and m."""
-    assert {q: FORMATS[q].bits_per_weight for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5, "Q4_K": 4.625,
-                                                                "Q5_K": 5.625, "Q6_K": 6.5625}
-    assert {q: NATIVE_BPW[q] for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5,
-                                                   "Q6_K": 6.5625}
+    assert {q: FORMATS[q].bits_per_weight for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5, "Q5_1": 6.0,
+                                                                "Q4_1": 5.0, "Q4_K": 4.625, "Q5_K": 5.625,
+                                                                "Q6_K": 6.5625}
+    assert {q: NATIVE_BPW[q] for q in FORMATS} == {"Q8_0": 8.5, "Q5_0": 5.5, "Q4_0": 4.5, "Q5_1": 6.0, "Q4_1": 5.0,
+                                                   "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
 
 
 def _check(w, dense, rows, dtype, device, seed, bias=True):
@@ -186,7 +188,7 @@ def test_bad_inputs(device):
         gguf_linear(torch.randn(2, 256, device=device), w, config=QuantConfig(16, 32, 16, 1, 4, 2))
     with pytest.raises(ValueError, match="GGUF type Q3_K has no block unpacker"):
         unpack_blocks(np.zeros((4, 110), dtype=np.uint8), "Q3_K")
-    with pytest.raises(ValueError, match="no GGUF kernel layout for type Q4_1"):
-        pack_gguf_weight("Q4_1", torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1).half())
+    with pytest.raises(ValueError, match="no GGUF kernel layout for type Q3_K"):
+        pack_gguf_weight("Q3_K", torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1).half())
     with pytest.raises(ValueError, match="whole 144-byte blocks"):
         unpack_blocks(np.zeros((4, 100), dtype=np.uint8), "Q4_K")
