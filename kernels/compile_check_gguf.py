@@ -6,7 +6,8 @@ path and a high plane; Q6_K: a 2-bit high plane and 16-row scales) at batch-1 de
 constant), a 32-row small step (split-K, 32-row tiles; the K-quants) and a 256-row prefill, in bf16; fp16 for Q4_K,
 with the most live tiles of the demo's types (scales, d, mins). K-quants at Qwen2-7B's down_proj (K 18944 = 74
 super-blocks: every Qwen2 K-quant K is a multiple of 256, so the specialisation is the same); the 32-value block
-types at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own layout.
+types at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own layout. The embedding lookup
+(kernels/gguf_embedding.py) of every type, in bf16.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def gguf_variants(dtypes, cap: int | None = None) -> list:
 
     from qwen2_triton.kernels.compile_check import _capture, _dedupe
     from qwen2_triton.kernels.compile_check_quant import QUANT_SM_COUNT, quant_tile
+    from qwen2_triton.kernels.gguf_embedding import gguf_embedding
     from qwen2_triton.kernels.gguf_linear import FORMATS, GGUFWeight, gguf_candidates, gguf_linear
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,6 +43,10 @@ def gguf_variants(dtypes, cap: int | None = None) -> list:
                            torch.empty(k // 256, n, dtype=torch.float16) if f.has_min and f.super_rows else None,
                            k, n)
             for cp in [cap] if cap is not None else sorted(QUANT_SM_COUNT):
+                if dt == "bf16":  # the table lookup (kernels/gguf_embedding.py): 8 tokens; its shapes are runtime ints
+                    ids = torch.empty(8, dtype=torch.int64)
+                    _capture(out, ["gguf_embedding:gguf_embedding_kernel"], f"{dt} {qtype} embedding K={k}",
+                             lambda: gguf_embedding(ids, w, torch.bfloat16))
                 for m in ((1, 32, 256) if qtype in SMALL_STEP_TYPES else (1, 256)):
                     x = torch.empty(m, k, dtype=tdt[dt])
                     b = torch.empty(n, dtype=tdt[dt]) if bias else None

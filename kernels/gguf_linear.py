@@ -109,6 +109,12 @@ class GGUFWeight:
         """``config_of(weight, rows) -> QuantConfig | None``: the start-up plan's launch config (None: heuristic)."""
         return gguf_linear(x, self, bias, config=config_of(self, x.shape[0]) if config_of else None)
 
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of this table (N rows of K values) in ``dtype`` (kernels/gguf_embedding.py)."""
+        from qwen2_triton.kernels.gguf_embedding import gguf_embedding
+
+        return gguf_embedding(ids, self, dtype)
+
 
 @dataclass(frozen=True)
 class FusedGGUFWeight(FusedParts):
@@ -223,6 +229,34 @@ def _per_row(v, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, cols, mask_n,
+                 LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr,
+                 SUPER: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """float32 weights (BLOCK_K, BLOCK_N) of rows [k0, k0 + BLOCK_K) and columns ``cols`` (any, e.g. token ids),
+    by the module docstring's formulas; masked entries are 0 (a row past K, a column off ``mask_n``)."""
+    u = _unpack(lo_ptr, k0, N, K, cols, mask_n, LO_BITS, BLOCK_K, BLOCK_N)
+    if HI_BITS > 0:
+        u = u | (_unpack(hi_ptr, k0, N, K, cols, mask_n, HI_BITS, BLOCK_K, BLOCK_N) << 4)
+    q = u.to(tl.float32) - OFFSET  # small integers: exact
+    sr = k0 // SUB + tl.arange(0, BLOCK_K // SUB)  # this tile's sub-blocks
+    smask = (sr < K // SUB)[:, None] & mask_n[None, :]
+    s = tl.load(sub_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
+    if SUPER > 0:
+        s = tl.load(sup_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
+                    other=0.0).to(tl.float32) * s  # d * sc
+    w = _per_row(s, SUB, BLOCK_K, BLOCK_N) * q
+    if HAS_MIN and SUPER > 0:  # Q4_K, Q5_K: SUB == 32, one m per sub-block
+        mn = tl.load(supmin_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
+                     other=0.0).to(tl.float32) * \
+            tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
+        w = w - _per_row(mn, SUB, BLOCK_K, BLOCK_N)
+    elif HAS_MIN:  # Q4_1, Q5_1: SUB == 32, an fp16 m per block, added
+        mn = tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0.0).to(tl.float32)
+        w = w + _per_row(mn, SUB, BLOCK_K, BLOCK_N)
+    return w
+
+
+@triton.jit
 def gguf_linear_kernel(x_ptr, lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, b_ptr, out_ptr,
                        M, N, K, stride_xm, stride_om, stride_os, tiles_per_split,
                        LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr,
@@ -242,25 +276,8 @@ def gguf_linear_kernel(x_ptr, lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_
         k0 = k_first + t * BLOCK_K
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
-        u = _unpack(lo_ptr, k0, N, K, cols, mask_n, LO_BITS, BLOCK_K, BLOCK_N)
-        if HI_BITS > 0:
-            u = u | (_unpack(hi_ptr, k0, N, K, cols, mask_n, HI_BITS, BLOCK_K, BLOCK_N) << 4)
-        q = u.to(tl.float32) - OFFSET  # small integers: exact
-        sr = k0 // SUB + tl.arange(0, BLOCK_K // SUB)  # this tile's sub-blocks
-        smask = (sr < K // SUB)[:, None] & mask_n[None, :]
-        s = tl.load(sub_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
-        if SUPER > 0:
-            s = tl.load(sup_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
-                        other=0.0).to(tl.float32) * s  # d * sc
-        w = _per_row(s, SUB, BLOCK_K, BLOCK_N) * q
-        if HAS_MIN and SUPER > 0:  # Q4_K, Q5_K: SUB == 32, one m per sub-block
-            mn = tl.load(supmin_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
-                         other=0.0).to(tl.float32) * \
-                tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
-            w = w - _per_row(mn, SUB, BLOCK_K, BLOCK_N)
-        elif HAS_MIN:  # Q4_1, Q5_1: SUB == 32, an fp16 m per block, added
-            mn = tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0.0).to(tl.float32)
-            w = w + _per_row(mn, SUB, BLOCK_K, BLOCK_N)
+        w = dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, cols, mask_n,
+                         LO_BITS, HI_BITS, SUB, OFFSET, SUPER, HAS_MIN, BLOCK_K, BLOCK_N)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]

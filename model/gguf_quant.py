@@ -5,16 +5,15 @@ Everything else streams through the usual dequantize-at-load path (model/gguf_lo
 - the torch ops (CPU) and ``quantization="none"``: all of it;
 - a fused projection (qkv, gate_up) with any part of another type (F16, Q4_0, Q5_K, ...): that whole projection,
   dequantized as before (logged), so one odd tensor costs memory, never correctness;
-- the embedding table: dense (a lookup reads one row per token, so its bytes cost memory, not step time).
-The lm_head stays quantized too when its type is one the kernel reads: it is the largest weight a decode step
-streams (Qwen2-0.5B: 151936 x 896, 272 MB in bf16, more than the 24 layers' kept projections together; the demo's
-output.weight is Q8_0, 145 MB). A file without output.weight ties the lm_head to token_embd: the embedding is
-then loaded dense for the lookup and the same blocks packed a second time for the lm_head (memory traded for the
-bytes every step reads).
+The lm_head and the embedding table stay quantized too when their types are ones the kernel reads. The lm_head is
+the largest weight a decode step streams (Qwen2-0.5B: 151936 x 896, 272 MB in bf16, more than the 24 layers' kept
+projections together; the demo's output.weight is Q8_0, 145 MB). The table is looked up row by row from its blocks
+(kernels/gguf_embedding.py): it costs memory, not step time, and Qwen2-7B's Q4_K token_embd takes 0.31 GB instead
+of 1.09 GB. A file without output.weight ties the lm_head to token_embd: the one packed table serves both.
 Under tensor parallelism each rank packs its slice of the blocks (``slice_fields``): rows for the column-parallel
 projections, whole blocks of the input dim for o_proj and down_proj; a row-parallel slice that would cut a block
 (a K-quant block holds 256 values: a Q4_K o_proj of Qwen2-0.5B, 448 columns a rank at 2 ranks) dequantizes that
-projection, and the lm_head is vocab-parallel and dense there.
+projection, and the embedding and lm_head are vocab-parallel and dense there.
 The loader asks ``kept_projections`` first and builds Qwen2Model without them, so no dense copy of a kept projection
 is ever allocated (the GPTQ / AWQ path does the same).
 """
@@ -42,17 +41,18 @@ EMBEDDING = "model.embed_tokens.weight"
 
 
 def plan(tensors, num_layers: int, shard=None) -> tuple[dict[str, list[str]], list[str]]:
-    """(fused parameter -> its parts' HF names, for the projections the kernel runs; the others' descriptions).
-    The lm_head is one of them when its type (the embedding's, when tied) is one the kernel reads, without tensor
-    parallelism. ``shard``: a tensor-parallel rank (model/sharding.py TPShard), whose slices must be whole blocks."""
+    """(fused parameter -> its parts' HF names, for the tensors the kernels run from their blocks; the others'
+    descriptions). The embedding table and the lm_head are among them when their types are ones the kernel reads,
+    without tensor parallelism; a tied lm_head (no output.weight) is the table itself (model/qwen2.py ``lm_head``).
+    ``shard``: a tensor-parallel rank (model/sharding.py TPShard), whose slices must be whole blocks."""
     keep, dense = {}, []
-    head = LM_HEAD if LM_HEAD in tensors.ggml_types else EMBEDDING  # no output.weight: tied to token_embd
-    if shard is not None:
-        dense.append("lm_head (vocab-parallel)")
-    elif tensors.ggml_types[head] in KERNEL_TYPES:
-        keep[LM_HEAD] = [head]
-    else:
-        dense.append(f"lm_head ({tensors.ggml_types[head]})")
+    ends = [EMBEDDING] + ([LM_HEAD] if LM_HEAD in tensors.ggml_types else [])
+    for name in ends:
+        qtype = tensors.ggml_types[name]
+        if shard is None and qtype in KERNEL_TYPES:
+            keep[name] = [name]
+        else:
+            dense.append(f"{name.split('.')[-2]} ({qtype}{', vocab-parallel' if shard is not None else ''})")
     for n in range(num_layers):
         for fused, (module, parts) in PROJECTIONS.items():
             names = [f"model.layers.{n}.{module}.{p}.weight" for p in parts]
@@ -122,7 +122,7 @@ def gguf_tensor_stream(model, tensors, keep: dict[str, list[str]]) -> Iterator[t
     for name in keep:  # a model built without ``defer`` allocated them dense: drop them before load_into looks
         if model.params.pop(name, None) is not None and torch.device(model.device).type == "cuda":
             torch.cuda.empty_cache()
-    held = [x for names in keep.values() for x in names if x != EMBEDDING]  # a tied embedding also loads dense
+    held = [x for names in keep.values() for x in names]
     return _stream(tensors, held, keep, model)
 
 
@@ -172,12 +172,14 @@ def describe_gguf(path: str, dtype_bytes: int = 2) -> str:
         stored += round(n * NATIVE_BPW[qtype] / 8)
         gpu += round(n * FORMATS[qtype].bits_per_weight / 8)
     types = ", ".join(f"{q} x{c}" for q, c in sorted(counts.items()))
-    head = "the lm_head among them" if LM_HEAD in keep else "the lm_head dequantized"
-    return (f"quantization: GGUF, {_size(os.path.getsize(path))} as stored; kernels triton: {len(kept)} projection "
-            f"tensors ({types}; {head}) run quantized by gguf_linear: {_size(stored)} in the file, {_size(gpu)} in "
-            f"the kernel layout ({_size(values * dtype_bytes)} dequantized to 16-bit); {len(dense)} projection(s) "
-            f"of other types and the embedding dequantized at load; torch or quantization='none': all dequantized "
-            f"at load")
+    tied = LM_HEAD not in g.tensors.ggml_types
+    ends = " and ".join(x for x, name in (("the embedding" + (" (the tied lm_head)" if tied else ""), EMBEDDING),
+                                          ("lm_head", LM_HEAD)) if name in keep)
+    return (f"quantization: GGUF, {_size(os.path.getsize(path))} as stored; kernels triton: {len(kept)} tensors "
+            f"({types}; {ends or 'no embedding or lm_head'} among them) run from their blocks by gguf_linear: "
+            f"{_size(stored)} in the file, {_size(gpu)} in the kernel layout ({_size(values * dtype_bytes)} "
+            f"dequantized to 16-bit); {len(dense)} of other types dequantized at load"
+            f"{': ' + ', '.join(dense[:3]) if dense else ''}; torch or quantization='none': all dequantized at load")
 
 
 def _size(n: int) -> str:

@@ -64,8 +64,7 @@ class Qwen2Model:
 
     @property
     def lm_head(self) -> torch.Tensor:
-        """The output projection: lm_head.weight, or the embedding when tied, unless the loader put a quantized
-        copy of it at lm_head.weight (model/gguf_quant.py)."""
+        """The output projection: lm_head.weight, or the embedding when tied (either may be a quantized weight)."""
         P = self.params
         return P["lm_head.weight"] if "lm_head.weight" in P else P["model.embed_tokens.weight"]
 
@@ -83,7 +82,8 @@ class Qwen2Model:
             offset = self.rope_offsets[cfg.static_rope_mode]
             rope_rows = positions + offset if offset else positions
         if tp is None:
-            h = F.embedding(input_ids, P["model.embed_tokens.weight"])  # (T, H)
+            emb = P["model.embed_tokens.weight"]  # a tensor, or a GGUF table kept in its blocks (model/gguf_quant.py)
+            h = F.embedding(input_ids, emb) if isinstance(emb, torch.Tensor) else emb.embedding(input_ids, self.dtype)
         else:
             h = tp.embedding(input_ids, P["model.embed_tokens.weight"], self.shard.vocab_start)
         residual = None

@@ -5,6 +5,7 @@ import glob
 import os
 
 from qwen2_triton.kernels import compile_check
+from qwen2_triton.kernels.gguf_linear import FORMATS
 from qwen2_triton.kernels.compile_check_gguf import gguf_variants
 
 
@@ -17,7 +18,8 @@ def test_variants_cover_every_type_with_fusion_off():
         {f"bf16 {q} M={m} K=18944 cand={t}" for q in ("Q4_K", "Q5_K", "Q6_K")  # tuning candidates past the default
          for m, tiles in ((1, ("16x128x128w8s3", "16x64x64w4s4")), (32, ("32x64x64w4s3",)),
                           (256, ("128x128x64w8s3", "64x64x64w4s3")))
-         for t in tiles}
+         for t in tiles} | \
+        {f"bf16 {q} embedding K={896 if q in ('Q8_0', 'Q5_0', 'Q4_0', 'Q5_1', 'Q4_1') else 18944}" for q in FORMATS}
     assert all(dict(v.options) == {"enable_fp_fusion": False} for v in vs)
 
 
@@ -28,6 +30,8 @@ def test_gguf_variants_compile_without_spills(capfd, tmp_path):
     assert rc == 0, out
     rows = [r for r in out.splitlines() if r.startswith("gguf_linear_kernel")]
     assert len(rows) == 74 and all(r.rstrip().endswith("ok") for r in rows), out
+    lookups = [r for r in out.splitlines() if r.startswith("gguf_embedding_kernel")]
+    assert len(lookups) == 2 * len(FORMATS) and all(r.rstrip().endswith("ok") for r in lookups), out
     q4k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q4_K*.ptx"))
     assert len(q4k) == 22  # the default and candidate tiles at M=1, 32 and 256, bf16 and fp16, two archs
     q5k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q5_K*.ptx"))

@@ -51,10 +51,11 @@ def demo_blocks(demo_gguf):
     return out
 
 
-def write_gguf(path, demo_blocks, types=TYPES, extra=None, head=None, tied=False) -> str:
+def write_gguf(path, demo_blocks, types=TYPES, extra=None, head=None, tied=False, embd=None) -> str:
     """The tiny model; ``extra``: gguf name -> (float32 values, QT) written quantized by gguf.quants instead;
     ``head``: a type (QT) the lm_head is quantized to by gguf.quants (default float32): output.weight's, or with
-    ``tied`` token_embd's, output.weight left out (the lm_head is then the embedding, as in tied releases)."""
+    ``tied`` token_embd's, output.weight left out (the lm_head is then the embedding, as in tied releases);
+    ``embd``: the type of an untied token_embd (default float32)."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "qwen2")
     for key, value in (("block_count", LAYERS), ("context_length", 4096), ("embedding_length", HIDDEN),
@@ -73,20 +74,20 @@ def write_gguf(path, demo_blocks, types=TYPES, extra=None, head=None, tied=False
     def f32(name, shape, std, mean=0.0):
         w.add_tensor(name, (mean + std * rng.standard_normal(shape)).astype(np.float32))
 
-    def head_tensor(name, std):
+    def table(name, std, qtype):
         x = (std * rng.standard_normal((VOCAB, HIDDEN))).astype(np.float32)
-        if head is None:
+        if qtype is None:
             w.add_tensor(name, x)
         else:
-            w.add_tensor(name, gguf.quants.quantize(x, head), raw_dtype=head)
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
 
     if tied:  # one table for both ends: 0.05 keeps the log-probs near the untied model's size (mean -11, std 1)
-        head_tensor("token_embd.weight", 0.05)
+        table("token_embd.weight", 0.05, head)
     else:
-        f32("token_embd.weight", (VOCAB, HIDDEN), 0.02)
+        table("token_embd.weight", 0.02, embd)
     f32("output_norm.weight", (HIDDEN,), 0.1, 1.0)
     if not tied:
-        head_tensor("output.weight", 0.2)
+        table("output.weight", 0.2, head)
     start = dict.fromkeys(BLOCK_BYTES, 0)
     for n in range(LAYERS):
         for proj, (rows, cols) in PROJ.items():
@@ -162,20 +163,22 @@ def test_projections_stay_quantized_and_match_dequantized(tiny, torch_ref):
 
 
 
-@pytest.mark.parametrize("head,tied", [(QT.Q8_0, False), (QT.Q5_0, True)], ids=["output-Q8_0", "tied-embd-Q5_0"])
-def test_lm_head_stays_quantized(tmp_path, demo_blocks, head, tied):
+@pytest.mark.parametrize("head,tied,embd", [(QT.Q8_0, False, QT.Q4_0), (QT.Q8_0, False, None), (QT.Q5_0, True, None)],
+                         ids=["output-Q8_0-embd-Q4_0", "output-Q8_0-embd-F32", "tied-embd-Q5_0"])
+def test_lm_head_and_embedding_stay_quantized(tmp_path, demo_blocks, head, tied, embd):
     """The lm_head, the largest weight a decode step reads, runs from its blocks as the demo's Q8_0 output.weight
-    does; tied to a Q5_0 token_embd (no output.weight), the embedding also loads dense for the lookup. Prompt
-    log-probs and tokens equal the torch path's, which dequantizes it."""
-    path = write_gguf(tmp_path / "head.gguf", demo_blocks, head=head, tied=tied)
+    does, and the embedding table is looked up from its blocks (a float32 one loads dense); tied (no output.weight),
+    the one Q5_0 table is both. Prompt log-probs and tokens equal the torch path's, which dequantizes them."""
+    path = write_gguf(tmp_path / "head.gguf", demo_blocks, head=head, tied=tied, embd=embd)
     tri = llm(path, "triton")
     P = tri.model.params
-    lm = P["lm_head.weight"]
+    emb, lm = P["model.embed_tokens.weight"], tri.model.lm_head
     assert isinstance(lm, GGUFWeight) and (lm.qtype, lm.out_features, lm.in_features) == (head.name, VOCAB, HIDDEN)
-    assert tri.model.lm_head is lm and isinstance(P["model.embed_tokens.weight"], torch.Tensor)
-    from qwen2_triton.bench.e2e import weight_bytes  # a decode step reads the packed lm_head, not the embedding
+    assert (lm is emb) == tied and ("lm_head.weight" in P) != tied
+    assert isinstance(emb, GGUFWeight if (tied or embd is not None) else torch.Tensor)
+    from qwen2_triton.bench.e2e import weight_bytes  # a decode step reads the lm_head, one row of the table per token
 
-    assert weight_bytes(tri) == sum(p.nbytes for p in P.values()) - P["model.embed_tokens.weight"].nbytes
+    assert weight_bytes(tri) == sum(p.nbytes for p in P.values()) - (0 if tied else emb.nbytes)
     ref_llm = llm(path, "torch")
     assert ("lm_head.weight" in ref_llm.model.params) != tied
     ref, ref_tokens = prompt_logprobs(ref_llm, max_tokens=3)
@@ -251,9 +254,9 @@ def test_env_names_the_gguf_types_and_bytes(tiny):
 
     line = describe_quantization(tiny)
     assert line.startswith("quantization: GGUF")
-    assert "14 projection tensors (Q4_K x5, Q5_0 x4, Q6_K x3, Q8_0 x2; the lm_head dequantized) run quantized " \
-           "by gguf_linear" in line
-    assert "1 projection(s) of other types" in line  # the float32 lm_head
+    assert "14 tensors (Q4_K x5, Q5_0 x4, Q6_K x3, Q8_0 x2; no embedding or lm_head among them) run from their " \
+           "blocks by gguf_linear" in line
+    assert "2 of other types dequantized at load: embed_tokens (F32), lm_head (F32)" in line
 
 
 def test_kept_projections_are_never_allocated_dense(tiny, monkeypatch):
