@@ -3,7 +3,7 @@
 A handful, to keep the check's time small: each type's constexpr set (Q8_0: 8-bit words; Q5_0: a 1-bit high plane;
 Q4_0: neither; Q5_1, Q4_1: an added fp16 min, with and without the high plane; Q4_K: the min path; Q5_K: the min
 path and a high plane; Q6_K: a 2-bit high plane and 16-row scales) at batch-1 decode (split-K; M=1 is a Triton
-constant), a 32-row small step (split-K, 32-row tiles; the K-quants) and a 256-row prefill, in bf16; fp16 for Q4_K,
+constant), a 32-row small step (split-K, 32-row tiles; SMALL_STEP_TYPES) and a 256-row prefill, in bf16; fp16 for Q4_K,
 with the most live tiles of the demo's types (scales, d, mins). K-quants at Qwen2-7B's down_proj (K 18944 = 74
 super-blocks: every Qwen2 K-quant K is a multiple of 256, so the specialisation is the same); the 32-value block
 types at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own layout. The embedding lookup
@@ -18,7 +18,8 @@ GGUF_DTYPES = {"bf16": ("Q8_0", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "Q4_K", "Q5_K", 
 # The tuning candidates (gguf_candidates) beyond the heuristic: Q4_K and Q5_K (scales, d and mins live per tile;
 # Q5_K a high plane too) and Q6_K (two planes, 16-row scales) in bf16, the types with the most registers.
 CANDIDATE_TYPES = {"bf16": ("Q4_K", "Q5_K", "Q6_K")}
-SMALL_STEP_TYPES = ("Q4_K", "Q5_K", "Q6_K")  # the 32-row tiles: the types with the most registers
+# the 32-row tiles: the K-quants (the most registers), Q8_0 (8-bit words) and Q5_1 (a plane and an added min)
+SMALL_STEP_TYPES = ("Q8_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def gguf_variants(dtypes, cap: int | None = None) -> list:

@@ -18,8 +18,8 @@ One kernel, three launch shapes (``quant_config``):
   dequantized in registers; the fp32 partials [S, M, N] are summed after the launch (a torch reduction:
   deterministic and capturable; one more small launch per linear).
 - small (9-32 rows, a mid-size decode batch): one 32-row tile, split-K as decode. Still a weight stream (32
-  rows do 64 FLOP per int4 byte, under the ~300 an H100 needs to be compute-bound), so it needs the programs
-  decode has: unsplit, 7B's o_proj / down_proj (N=3584) ran 28 programs on 132 SMs.
+  rows do 64 FLOP per weight, 128 per int4 byte, under the ~300 an H100 needs to be compute-bound), so it needs
+  the programs decode has: unsplit, 7B's o_proj / down_proj (N=3584) ran 28 programs on 132 SMs.
 - prefill (> 32 rows): 64-row tiles, no split; the dequantized tile goes straight into the tensor-core dot.
 The math is done in fp32 ((q - z) * s), rounded once to the activation dtype for the dot: bit-identical to the
 weights the torch path dequantizes at load (model/quantization.py), so the two paths differ only in summation.

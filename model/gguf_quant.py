@@ -1,19 +1,21 @@
-"""GGUF projections kept quantized in device memory (issue 11): with ops that run quantized weights (TritonOps) and
-``quantization="auto"``, the seven projections of every layer whose GGUF types the kernel reads (Q8_0, Q5_0, Q4_0,
-Q4_K, Q5_K, Q6_K) load as kernels/gguf_linear.py weights, repacked from the file's blocks, never dequantized.
-Everything else streams through the usual dequantize-at-load path (model/gguf_loader.py -> model/weights.py):
+"""GGUF tensors kept quantized in device memory (issue 11): with ops that run quantized weights (TritonOps) and
+``quantization="auto"``, the seven projections of every layer whose GGUF types the kernels read (``KERNEL_TYPES``)
+load as kernels/gguf_linear.py weights, repacked from the file's blocks, never dequantized. Everything else streams
+through the usual dequantize-at-load path (model/gguf_loader.py -> model/weights.py):
 - the torch ops (CPU) and ``quantization="none"``: all of it;
-- a fused projection (qkv, gate_up) with any part of another type (F16, Q4_0, Q5_K, ...): that whole projection,
-  dequantized as before (logged), so one odd tensor costs memory, never correctness;
-The lm_head and the embedding table stay quantized too when their types are ones the kernel reads. The lm_head is
+- a fused projection (qkv, gate_up) with any part of another type (F16, Q3_K, IQ4_NL, ...): that whole projection,
+  dequantized as before (logged), so one odd tensor costs memory, never correctness.
+The lm_head and the embedding table stay quantized too when their types are ones the kernels read. The lm_head is
 the largest weight a decode step streams (Qwen2-0.5B: 151936 x 896, 272 MB in bf16, more than the 24 layers' kept
 projections together; the demo's output.weight is Q8_0, 145 MB). The table is looked up row by row from its blocks
 (kernels/gguf_embedding.py): it costs memory, not step time, and Qwen2-7B's Q4_K token_embd takes 0.31 GB instead
 of 1.09 GB. A file without output.weight ties the lm_head to token_embd: the one packed table serves both.
-Under tensor parallelism each rank packs its slice of the blocks (``slice_fields``): rows for the column-parallel
-projections, whole blocks of the input dim for o_proj and down_proj; a row-parallel slice that would cut a block
-(a K-quant block holds 256 values: a Q4_K o_proj of Qwen2-0.5B, 448 columns a rank at 2 ranks) dequantizes that
-projection, and the embedding and lm_head are vocab-parallel and dense there.
+Under tensor parallelism each rank packs its slice of the raw blocks (``slice_blocks``): rows for the
+column-parallel projections, whole blocks of the input dim for o_proj and down_proj. A row-parallel slice that
+would cut a block dequantizes that projection on the rank (logged): a K-quant block holds 256 values, so the
+K-quant down_proj of Qwen2-0.5B (4864 = 2 x 2432) and 1.5B (8960 = 2 x 4480) at 2 ranks, and 7B's o_proj (896)
+and down_proj (4736) at 4 ranks, run dequantized; 32-value types split anywhere a rank's share is a multiple of
+32. The embedding and lm_head are vocab-parallel and dense there.
 The loader asks ``kept_projections`` first and builds Qwen2Model without them, so no dense copy of a kept projection
 is ever allocated (the GPTQ / AWQ path does the same).
 """
@@ -77,25 +79,20 @@ def _whole_blocks(shard, name: str, qtype: str) -> bool:
     return split[1] % values == 0 and split[2] % values == 0
 
 
-def slice_fields(fields, shard, name: str):
-    """This rank's part of one tensor's BlockFields (model/gguf_blocks.py, (N, ...) orientation): rows for a
-    column-parallel projection, the columns of whole blocks for a row-parallel one (``plan`` checked that they are
-    whole)."""
-    from dataclasses import replace
+def slice_blocks(raw, shard, name: str, qtype: str):
+    """This rank's part of one tensor's raw blocks (uint8 (N, row bytes)): rows for a column-parallel projection,
+    the bytes of whole blocks for a row-parallel one (``plan`` checked that they are whole), so a rank unpacks only
+    its share."""
+    from qwen2_triton.model.gguf_blocks import BLOCK_BYTES
 
     split = shard.split_of(name)
     if split is None:
-        return fields
+        return raw
     dim, start, stop, _ = split
     if dim == 0:
-        return replace(fields, **{f: t[start:stop] for f, t in fields.__dict__.items() if isinstance(t, torch.Tensor)})
-    k = fields.codes.shape[1]
-    out = {}
-    for f, t in fields.__dict__.items():
-        if isinstance(t, torch.Tensor):
-            per = k // t.shape[1]  # input values per column of this field: 1 (codes), 16/32 (scales), 256
-            out[f] = t[:, start // per: stop // per]
-    return replace(fields, **out)
+        return raw[start:stop]
+    nbytes, values = BLOCK_BYTES[qtype]
+    return raw[:, start // values * nbytes: stop // values * nbytes]
 
 
 def kept_projections(tensors, num_layers: int, ops, quantization: str, shard,
@@ -108,7 +105,7 @@ def kept_projections(tensors, num_layers: int, ops, quantization: str, shard,
         return {}
     keep, dense = plan(tensors, num_layers, shard)
     if dense:
-        log.info("%s: %d projection(s) are dequantized at load (the kernel reads %s): %s", source, len(dense),
+        log.info("%s: %d tensor(s) are dequantized at load (the kernels read %s): %s", source, len(dense),
                  ", ".join(KERNEL_TYPES), "; ".join(dense[:4]))
     return keep
 
@@ -140,12 +137,11 @@ def build(tensors, names: list[str], shard=None):
 
     parts = []
     for x in names:
-        fields = unpack_blocks(tensors.raw(x), tensors.ggml_types[x])
-        if tuple(fields.codes.shape) != tuple(tensors.shapes[x]):  # gguf_loader checked the shapes
+        raw, qtype = tensors.raw(x), tensors.ggml_types[x]
+        fields = unpack_blocks(raw if shard is None else slice_blocks(raw, shard, x, qtype), qtype)
+        if shard is None and tuple(fields.codes.shape) != tuple(tensors.shapes[x]):  # gguf_loader checked the shapes
             raise ValueError(f"{tensors.path}: {x} unpacked to {tuple(fields.codes.shape)}, expected "
                              f"{tuple(tensors.shapes[x])}")
-        if shard is not None:
-            fields = slice_fields(fields, shard, x)
         parts.append(pack_gguf_weight(**fields.__dict__))
     return fuse_gguf(parts)
 

@@ -13,6 +13,7 @@ def test_variants_cover_every_type_with_fusion_off():
     vs = gguf_variants(["bf16", "fp16", "fp32"], 90)
     labels = {v.label for v in vs}
     assert labels == {f"bf16 {q} M={m} K=896" for q in ("Q8_0", "Q5_0", "Q4_0", "Q5_1", "Q4_1") for m in (1, 256)} | \
+        {f"bf16 {q} M=32 K=896" for q in ("Q8_0", "Q5_1")} | \
         {f"bf16 {q} M={m} K=18944" for q in ("Q4_K", "Q5_K", "Q6_K") for m in (1, 32, 256)} | \
         {f"fp16 Q4_K M={m} K=18944" for m in (1, 32, 256)} | \
         {f"bf16 {q} M={m} K=18944 cand={t}" for q in ("Q4_K", "Q5_K", "Q6_K")  # tuning candidates past the default
@@ -29,7 +30,7 @@ def test_gguf_variants_compile_without_spills(capfd, tmp_path):
     out = capfd.readouterr().out
     assert rc == 0, out
     rows = [r for r in out.splitlines() if r.startswith("gguf_linear_kernel")]
-    assert len(rows) == 74 and all(r.rstrip().endswith("ok") for r in rows), out
+    assert len(rows) == 78 and all(r.rstrip().endswith("ok") for r in rows), out
     lookups = [r for r in out.splitlines() if r.startswith("gguf_embedding_kernel")]
     assert len(lookups) == 2 * len(FORMATS) and all(r.rstrip().endswith("ok") for r in lookups), out
     q4k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q4_K*.ptx"))
@@ -41,7 +42,7 @@ def test_gguf_variants_compile_without_spills(capfd, tmp_path):
             ptx = f.read()
         assert "fma.rn.f32" not in ptx and "sub.rn.f32" in ptx, path  # fusion on: 64 fma, no sub (M=1, sm_90)
     added_min = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q[45]_1*.ptx"))
-    assert len(added_min) == 8  # Q5_1 and Q4_1's d * q + m at M=1 and 256, two archs
+    assert len(added_min) == 10  # Q5_1 and Q4_1's d * q + m at M=1 and 256, Q5_1's at 32, two archs
     for path in added_min:
         with open(path) as f:
             assert "fma.rn.f32" not in f.read(), path
