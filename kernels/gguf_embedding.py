@@ -30,15 +30,15 @@ def gguf_embedding_ref(ids: torch.Tensor, w: GGUFWeight, dtype: torch.dtype) -> 
 
 @triton.jit
 def gguf_embedding_kernel(ids_ptr, lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, out_ptr, T, N, K,
-                          stride_ot, LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, SUB: tl.constexpr,
+                          k_off, stride_ot, LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, SUB: tl.constexpr,
                           OFFSET: tl.constexpr, SUPER: tl.constexpr, HAS_MIN: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     k0 = tl.program_id(1) * BLOCK_K
     ids = tl.load(ids_ptr + ts, mask=ts < T, other=0)
     valid = (ts < T) & (ids >= 0) & (ids < N)
-    w = dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, ids.to(tl.int32), valid,
-                     LO_BITS, HI_BITS, SUB, OFFSET, SUPER, HAS_MIN, BLOCK_K, BLOCK_T)  # (BLOCK_K, BLOCK_T)
+    w = dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, k_off, ids.to(tl.int32),
+                     valid, LO_BITS, HI_BITS, SUB, OFFSET, SUPER, HAS_MIN, BLOCK_K, BLOCK_T)  # (BLOCK_K, BLOCK_T)
     ks = k0 + tl.arange(0, BLOCK_K)
     out = out_ptr + ts.to(tl.int64)[None, :] * stride_ot + ks[:, None]
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(ts < T)[None, :] & (ks < K)[:, None])
@@ -58,7 +58,7 @@ def gguf_embedding(ids: torch.Tensor, w: GGUFWeight, dtype: torch.dtype) -> torc
     gguf_embedding_kernel[(triton.cdiv(t, BLOCK_T), triton.cdiv(k, BLOCK_K))](
         ids, w.lo, dummy if w.hi is None else w.hi, w.sub, dummy if w.sub_min is None else w.sub_min,
         dummy if w.sup is None else w.sup, dummy if w.sup_min is None else w.sup_min, out, t, w.out_features, k,
-        out.stride(0), LO_BITS=f.lo_bits, HI_BITS=f.hi_bits, SUB=f.sub_rows, OFFSET=f.offset, SUPER=f.super_rows,
-        HAS_MIN=f.has_min, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=4,
+        w.k_offset, out.stride(0), LO_BITS=f.lo_bits, HI_BITS=f.hi_bits, SUB=f.sub_rows, OFFSET=f.offset,
+        SUPER=f.super_rows, HAS_MIN=f.has_min, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=4,
         enable_fp_fusion=False)  # Q4_K: d*sc*q - dmin*m rounded twice, as gguf.quants (kernels/gguf_linear.py)
     return out

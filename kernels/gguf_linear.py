@@ -93,6 +93,9 @@ class GGUFWeight:
     sup_min: torch.Tensor | None
     in_features: int
     out_features: int
+    # values of the first super-block that lie before row 0 (a tensor-parallel slice of the input dim starting
+    # inside a 256-value K-quant block: model/gguf_quant.py); row k's super-block is (k + k_offset) // 256
+    k_offset: int = 0
 
     @property
     def fmt(self) -> GGUFFormat:
@@ -131,18 +134,21 @@ class FusedGGUFWeight(FusedParts):
 
 # ------------------------------------------------------------------------------------------------ packing
 def pack_gguf_weight(qtype: str, codes: torch.Tensor, sub: torch.Tensor, sub_min: torch.Tensor | None = None,
-                     sup: torch.Tensor | None = None, sup_min: torch.Tensor | None = None) -> GGUFWeight:
+                     sup: torch.Tensor | None = None, sup_min: torch.Tensor | None = None,
+                     k_offset: int = 0) -> GGUFWeight:
     """The fields of model/gguf_blocks.py (all (N, ...): codes uint8 (N, K), scales per sub- and super-block)
-    -> the kernel layout."""
+    -> the kernel layout. ``k_offset``: see GGUFWeight (sup and sup_min then cover the first, partial block)."""
     if qtype not in FORMATS:
         raise ValueError(f"no GGUF kernel layout for type {qtype} (supported: {sorted(FORMATS)})")
     f = FORMATS[qtype]
     n, k = codes.shape
+    if k_offset and not (f.super_rows and k_offset % f.sub_rows == 0 and 0 < k_offset < f.super_rows):
+        raise ValueError(f"{qtype}: k_offset {k_offset} must be whole sub-blocks inside one super-block")
     u = codes.t().contiguous()  # (K, N)
     lo = pack_rows(u & ((1 << f.lo_bits) - 1), f.lo_bits)
     hi = pack_rows(u >> 4, f.hi_bits) if f.hi_bits else None
     col = lambda t: None if t is None else t.t().contiguous()  # noqa: E731
-    return GGUFWeight(qtype, lo, hi, col(sub), col(sub_min), col(sup), col(sup_min), k, n)
+    return GGUFWeight(qtype, lo, hi, col(sub), col(sub_min), col(sup), col(sup_min), k, n, k_offset)
 
 
 def fuse_gguf(parts: list[GGUFWeight]) -> GGUFWeight | FusedGGUFWeight:
@@ -168,11 +174,14 @@ def dequantize(w: GGUFWeight) -> torch.Tensor:
         u = u | (unpack_rows(w.hi, f.hi_bits).to(torch.int32) << 4)
     q = u.float() - f.offset
     s = w.sub.float()
-    if w.sup is not None:
-        s = w.sup.float().repeat_interleave(f.super_rows // f.sub_rows, 0) * s
+    if w.sup is not None:  # each sub-block's super-block, counting the k_offset values before row 0
+        def sup_of(rows: int) -> torch.Tensor:
+            return ((torch.arange(w.in_features // rows) * rows + w.k_offset) // f.super_rows).to(w.sup.device)
+
+        s = w.sup.float()[sup_of(f.sub_rows)] * s
     wk = s.repeat_interleave(f.sub_rows, 0) * q
     if f.has_min and f.super_rows:
-        mn = w.sup_min.float().repeat_interleave(f.super_rows // 32, 0) * w.sub_min.float()
+        mn = w.sup_min.float()[sup_of(32)] * w.sub_min.float()
         wk = wk - mn.repeat_interleave(32, 0)
     elif f.has_min:
         wk = wk + w.sub_min.float().repeat_interleave(32, 0)
@@ -229,11 +238,12 @@ def _per_row(v, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, cols, mask_n,
+def dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, k_off, cols, mask_n,
                  LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr,
                  SUPER: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """float32 weights (BLOCK_K, BLOCK_N) of rows [k0, k0 + BLOCK_K) and columns ``cols`` (any, e.g. token ids),
-    by the module docstring's formulas; masked entries are 0 (a row past K, a column off ``mask_n``)."""
+    by the module docstring's formulas; masked entries are 0 (a row past K, a column off ``mask_n``). ``k_off``:
+    GGUFWeight.k_offset, the values before row 0 in its first super-block."""
     u = _unpack(lo_ptr, k0, N, K, cols, mask_n, LO_BITS, BLOCK_K, BLOCK_N)
     if HI_BITS > 0:
         u = u | (_unpack(hi_ptr, k0, N, K, cols, mask_n, HI_BITS, BLOCK_K, BLOCK_N) << 4)
@@ -242,11 +252,11 @@ def dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K
     smask = (sr < K // SUB)[:, None] & mask_n[None, :]
     s = tl.load(sub_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
     if SUPER > 0:
-        s = tl.load(sup_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
+        s = tl.load(sup_ptr + ((sr * SUB + k_off) // SUPER)[:, None] * N + cols[None, :], mask=smask,
                     other=0.0).to(tl.float32) * s  # d * sc
     w = _per_row(s, SUB, BLOCK_K, BLOCK_N) * q
     if HAS_MIN and SUPER > 0:  # Q4_K, Q5_K: SUB == 32, one m per sub-block
-        mn = tl.load(supmin_ptr + (sr * SUB // SUPER)[:, None] * N + cols[None, :], mask=smask,
+        mn = tl.load(supmin_ptr + ((sr * SUB + k_off) // SUPER)[:, None] * N + cols[None, :], mask=smask,
                      other=0.0).to(tl.float32) * \
             tl.load(min_ptr + sr[:, None] * N + cols[None, :], mask=smask, other=0).to(tl.float32)
         w = w - _per_row(mn, SUB, BLOCK_K, BLOCK_N)
@@ -258,7 +268,7 @@ def dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K
 
 @triton.jit
 def gguf_linear_kernel(x_ptr, lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, b_ptr, out_ptr,
-                       M, N, K, stride_xm, stride_om, stride_os, tiles_per_split,
+                       M, N, K, k_off, stride_xm, stride_om, stride_os, tiles_per_split,
                        LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, SUB: tl.constexpr, OFFSET: tl.constexpr,
                        SUPER: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -276,7 +286,7 @@ def gguf_linear_kernel(x_ptr, lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_
         k0 = k_first + t * BLOCK_K
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
-        w = dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, cols, mask_n,
+        w = dequant_tile(lo_ptr, hi_ptr, sub_ptr, min_ptr, sup_ptr, supmin_ptr, k0, N, K, k_off, cols, mask_n,
                          LO_BITS, HI_BITS, SUB, OFFSET, SUPER, HAS_MIN, BLOCK_K, BLOCK_N)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
@@ -319,7 +329,7 @@ def gguf_linear(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None
         x, w.lo, dummy if w.hi is None else w.hi, w.sub, dummy if w.sub_min is None else w.sub_min,
         dummy if w.sup is None else w.sup, dummy if w.sup_min is None else w.sup_min,
         bias if bias_in else dummy, dst,
-        m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split > 1 else 0, per_split,
+        m, n, k, w.k_offset, x.stride(0), dst.stride(-2), dst.stride(0) if split > 1 else 0, per_split,
         LO_BITS=f.lo_bits, HI_BITS=f.hi_bits, SUB=f.sub_rows, OFFSET=f.offset, SUPER=f.super_rows,
         HAS_MIN=f.has_min, HAS_BIAS=bias_in, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -10,12 +10,13 @@ the largest weight a decode step streams (Qwen2-0.5B: 151936 x 896, 272 MB in bf
 projections together; the demo's output.weight is Q8_0, 145 MB). The table is looked up row by row from its blocks
 (kernels/gguf_embedding.py): it costs memory, not step time, and Qwen2-7B's Q4_K token_embd takes 0.31 GB instead
 of 1.09 GB. A file without output.weight ties the lm_head to token_embd: the one packed table serves both.
-Under tensor parallelism each rank packs its slice of the raw blocks (``slice_blocks``): rows for the
-column-parallel projections, whole blocks of the input dim for o_proj and down_proj. A row-parallel slice that
-would cut a block dequantizes that projection on the rank (logged): a K-quant block holds 256 values, so the
-K-quant down_proj of Qwen2-0.5B (4864 = 2 x 2432) and 1.5B (8960 = 2 x 4480) at 2 ranks, and 7B's o_proj (896)
-and down_proj (4736) at 4 ranks, run dequantized; 32-value types split anywhere a rank's share is a multiple of
-32. The embedding and lm_head are vocab-parallel and dense there.
+Under tensor parallelism each rank packs its slice of the raw blocks (``rank_fields``): rows for the
+column-parallel projections, the input columns of o_proj and down_proj. A row-parallel slice may start and end
+inside a K-quant's 256-value super-block (Qwen2-0.5B's down_proj at 2 ranks: 2432 = 9.5 x 256 columns a rank):
+it keeps the partial super-blocks' d and dmin and its offset in the first (GGUFWeight.k_offset). Only a slice
+that cuts a 32-value sub-block (16 for Q6_K) would be dequantized: none of Qwen2-0.5B/1.5B/7B's does at the
+rank counts their heads allow.
+The embedding and lm_head are vocab-parallel and dense there.
 The loader asks ``kept_projections`` first and builds Qwen2Model without them, so no dense copy of a kept projection
 is ever allocated (the GPTQ / AWQ path does the same).
 """
@@ -62,37 +63,47 @@ def plan(tensors, num_layers: int, shard=None) -> tuple[dict[str, list[str]], li
             label = f"model.layers.{n}.{module}.{fused} ({'+'.join(types)}"
             if not all(t in KERNEL_TYPES for t in types):
                 dense.append(label + ")")
-            elif shard is not None and not all(_whole_blocks(shard, x, t) for x, t in zip(names, types)):
-                dense.append(label + f": rank {shard.rank}'s slice of the input dim cuts a block)")
+            elif shard is not None and not all(_splits_cleanly(shard, x, t) for x, t in zip(names, types)):
+                dense.append(label + f": rank {shard.rank}'s slice of the input dim cuts a sub-block)")
             else:
                 keep[f"model.layers.{n}.{module}.{fused}.weight"] = names
     return keep, dense
 
 
-def _whole_blocks(shard, name: str, qtype: str) -> bool:
-    from qwen2_triton.model.gguf_blocks import BLOCK_BYTES
-
+def _splits_cleanly(shard, name: str, qtype: str) -> bool:
+    """This rank's slice of the input dim starts and ends on whole sub-blocks (32 values; Q6_K's 16), so each of
+    its values has its own scales: a slice may start inside a K-quant's 256-value super-block (``rank_fields``)."""
     split = shard.split_of(name)
     if split is None or split[0] == 0:  # replicated, or rows (output features): any rows are whole blocks
         return True
-    values = BLOCK_BYTES[qtype][1]  # values a block holds along the input dim
-    return split[1] % values == 0 and split[2] % values == 0
+    unit = FORMATS[qtype].sub_rows
+    return split[1] % unit == 0 and split[2] % unit == 0
 
 
-def slice_blocks(raw, shard, name: str, qtype: str):
-    """This rank's part of one tensor's raw blocks (uint8 (N, row bytes)): rows for a column-parallel projection,
-    the bytes of whole blocks for a row-parallel one (``plan`` checked that they are whole), so a rank unpacks only
-    its share."""
-    from qwen2_triton.model.gguf_blocks import BLOCK_BYTES
+def rank_fields(raw, qtype: str, shard, name: str):
+    """(BlockFields of this rank's part of one tensor, its k_offset). The raw blocks (uint8 (N, row bytes)) are
+    sliced before unpacking, so a rank unpacks its share only: rows for a column-parallel projection; for a
+    row-parallel one the blocks covering its input columns, then the fields trimmed to them. A slice starting
+    inside a K-quant super-block keeps that block's d (and dmin) and says where it starts (GGUFWeight.k_offset)."""
+    from dataclasses import replace
 
-    split = shard.split_of(name)
+    from qwen2_triton.model.gguf_blocks import BLOCK_BYTES, unpack_blocks
+
+    split = shard.split_of(name) if shard is not None else None
     if split is None:
-        return raw
+        return unpack_blocks(raw, qtype), 0
     dim, start, stop, _ = split
     if dim == 0:
-        return raw[start:stop]
+        return unpack_blocks(raw[start:stop], qtype), 0
     nbytes, values = BLOCK_BYTES[qtype]
-    return raw[:, start // values * nbytes: stop // values * nbytes]
+    first, end = start // values, -(-stop // values)
+    fields = unpack_blocks(raw[:, first * nbytes: end * nbytes], qtype)
+    skip, length = start - first * values, stop - start
+    if skip == 0 and length == (end - first) * values:
+        return fields, 0
+    per = {"codes": 1, "sub": FORMATS[qtype].sub_rows, "sub_min": 32}  # input values per column of each field
+    return replace(fields, **{f: getattr(fields, f)[:, skip // n: (skip + length) // n]
+                              for f, n in per.items() if getattr(fields, f) is not None}), skip
 
 
 def kept_projections(tensors, num_layers: int, ops, quantization: str, shard,
@@ -133,16 +144,14 @@ def build(tensors, names: list[str], shard=None):
     """The GGUF weight of one fused projection from its parts' raw blocks (in output order); this rank's slice of
     each part under tensor parallelism."""
     from qwen2_triton.kernels.gguf_linear import fuse_gguf, pack_gguf_weight
-    from qwen2_triton.model.gguf_blocks import unpack_blocks
 
     parts = []
     for x in names:
-        raw, qtype = tensors.raw(x), tensors.ggml_types[x]
-        fields = unpack_blocks(raw if shard is None else slice_blocks(raw, shard, x, qtype), qtype)
+        fields, k_offset = rank_fields(tensors.raw(x), tensors.ggml_types[x], shard, x)
         if shard is None and tuple(fields.codes.shape) != tuple(tensors.shapes[x]):  # gguf_loader checked the shapes
             raise ValueError(f"{tensors.path}: {x} unpacked to {tuple(fields.codes.shape)}, expected "
                              f"{tuple(tensors.shapes[x])}")
-        parts.append(pack_gguf_weight(**fields.__dict__))
+        parts.append(pack_gguf_weight(**fields.__dict__, k_offset=k_offset))
     return fuse_gguf(parts)
 
 

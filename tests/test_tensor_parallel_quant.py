@@ -5,7 +5,6 @@ GGUF (model/gguf_quant.py): each rank packs its slice of the blocks; the sharded
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import pytest
@@ -112,28 +111,61 @@ def test_two_ranks_run_their_slices_through_the_kernel(checkpoint, capfd):
     assert "model.layers.1.self_attn.o_proj: g_idx does not sort into contiguous groups of 128 rows" in err, err
 
 
-def test_two_ranks_keep_their_gguf_blocks(tiny, torch_ref, caplog):
-    """tests/test_gguf_quantized.py's tiny GGUF (real demo blocks) on 2 ranks with the Triton kernels: q/k/v and
-    gate/up keep their rows' blocks; down_proj (256 of 512 input columns: one Q6_K / Q4_K super-block) and layer 1's
-    Q8_0 o_proj (128 columns: 4 blocks of 32) keep whole blocks; layer 0's Q4_K o_proj would need half a super-block
-    and is dequantized (logged); the lm_head is vocab-parallel and dense. Prompt log-probs and tokens equal the
-    single-process torch path's."""
-    from qwen2_triton.kernels.gguf_linear import FusedGGUFWeight, GGUFWeight
+class _Split:
+    """A stand-in rank whose every tensor has the split ``(dim, start, stop, full)`` (model/sharding.py)."""
+    def __init__(self, *split):
+        self.split = split
 
-    with caplog.at_level(logging.INFO, logger="qwen2_triton.model.gguf_quant"):
-        llm = LLM(tiny, dtype="float32", device="cpu", kernels="triton", progress=False, tensor_parallel_size=2)
-    with llm:  # rank 0's params and log
+    def split_of(self, name):
+        return self.split
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_1"])
+def test_a_rank_packs_its_slice_of_the_blocks(qtype, device):
+    """model/gguf_quant.py ``rank_fields``: row slices of a K-quant that start and end inside 256-value super-blocks
+    (as Qwen2-0.5B's down_proj at 2 ranks: 2432 columns), at its first and last columns, and column slices, give
+    exactly the same slice of the whole weight gguf.quants decodes, and the kernel computes with it."""
+    from qwen2_triton.kernels.gguf_linear import dequantize as gguf_dequantize
+    from qwen2_triton.kernels.gguf_linear import gguf_linear, pack_gguf_weight
+    from qwen2_triton.model.gguf_quant import rank_fields
+    from test_kernel_gguf_linear import random_blocks, weight
+
+    k = 1024 if qtype[-1] == "K" else 256
+    raw = random_blocks(qtype, 24, k, seed=9)
+    _, dense = weight(raw, qtype)
+    for split in ((1, 96, 608), (1, 0, 160), (1, 864, 1024), (1, 512, 768), (0, 5, 19)) if k == 1024 else \
+            ((1, 64, 160), (0, 5, 19)):
+        dim, start, stop = split
+        fields, k_offset = rank_fields(raw, qtype, _Split(*split, (24, k)[dim]), "x")
+        w = pack_gguf_weight(**fields.__dict__, k_offset=k_offset)
+        want = dense[start:stop] if dim == 0 else dense[:, start:stop]
+        assert torch.equal(gguf_dequantize(w), want), split
+        assert w.k_offset == (start % 256 if dim == 1 and qtype[-1] == "K" else 0)
+        x = torch.randn(3, want.shape[1], generator=torch.Generator().manual_seed(stop))
+        torch.testing.assert_close(gguf_linear(x.to(device), w.to(device)).cpu(), x @ want.t(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_keep_their_gguf_blocks(tiny, torch_ref, world):
+    """tests/test_gguf_quantized.py's tiny GGUF (real demo blocks) on 2 and 4 ranks with the Triton kernels: every
+    projection keeps its blocks: q/k/v and gate/up their rows (at 4 ranks, one q head and the replicated KV head
+    each), o_proj and down_proj their input columns, inside K-quant super-blocks where the split falls there (layer
+    0's Q4_K o_proj: 128 or 64 of a block's 256 columns a rank; its Q6_K down_proj at 4 ranks: 128); the embedding
+    and lm_head are vocab-parallel and dense. Prompt log-probs and tokens equal the single-process torch path's."""
+    from qwen2_triton.kernels.gguf_linear import FusedGGUFWeight
+
+    with LLM(tiny, dtype="float32", device="cpu", kernels="triton", progress=False,
+             tensor_parallel_size=world) as llm:  # rank 0's params
         P = llm.model.params
         kinds = {n.split(".", 2)[2].rsplit(".", 1)[0]: P[n] for n in P if n.endswith("proj.weight")}
-        dense = sorted(k for k, w in kinds.items() if isinstance(w, torch.Tensor))
-        assert dense == ["0.self_attn.o_proj"] and isinstance(P["lm_head.weight"], torch.Tensor)
-        assert kinds["1.self_attn.o_proj"].in_features == gq.HIDDEN // 2
-        down = kinds["0.mlp.down_proj"]
-        assert isinstance(down, GGUFWeight) and down.in_features == gq.INTER // 2
-        qkv = kinds["0.self_attn.qkv_proj"]
+        assert not any(isinstance(w, torch.Tensor) for w in kinds.values()), kinds
+        assert all(isinstance(P[n], torch.Tensor) for n in ("lm_head.weight", "model.embed_tokens.weight"))
+        o, down = kinds["0.self_attn.o_proj"], kinds["0.mlp.down_proj"]
+        assert (o.qtype, o.in_features, down.in_features) == ("Q4_K", gq.HIDDEN // world, gq.INTER // world)
+        kv = max(1, gq.KV_HEADS // world) * gq.HEAD_DIM
+        qkv = kinds["0.self_attn.qkv_proj"]  # this rank's q and k heads (Q5_0), v (Q8_0)
         assert isinstance(qkv, FusedGGUFWeight) and [p.out_features for p in qkv.parts] == \
-            [(gq.HEADS + gq.KV_HEADS) // 2 * gq.HEAD_DIM, gq.HEAD_DIM]  # this rank's q and k heads (Q5_0), v (Q8_0)
+            [gq.HEADS // world * gq.HEAD_DIM + kv, kv]
         lp, tokens = gq.prompt_logprobs(llm, max_tokens=3)
     torch.testing.assert_close(lp, torch_ref[0], atol=gq.TOL, rtol=0)
     assert tokens == torch_ref[1]
-    assert "model.layers.0.self_attn.o_proj (Q4_K: rank 0's slice of the input dim cuts a block)" in caplog.text
