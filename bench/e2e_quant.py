@@ -31,11 +31,12 @@ PROJECTIONS = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_
 
 
 def quant_weights(llm) -> str:
-    """What the projections are after loading: packed (run by the weight-only kernels) or dense."""
+    """What the weights are after loading: packed (run by the weight-only kernels: projections, and a GGUF lm_head
+    and embedding) or dense."""
     import torch
 
     packed = [p for p in llm.model.params.values() if not isinstance(p, torch.Tensor)]  # GPTQ/AWQ/GGUF weights
-    return f"packed ({len(packed)} projections)" if packed else "dequantized at load"
+    return f"packed ({len(packed)} weights)" if packed else "dequantized at load"
 
 
 def quantize_randomly(model, bits: int, sym: bool, group_size: int) -> list[int]:

@@ -112,7 +112,7 @@ def test_random_quantized_rows_run_the_packed_kernels():
     (row,) = random_rows(["qwen2-0.5b"], ["int4-zeros"], dtype=torch.float32, device=torch.device("cpu"), tiny=True,
                          kw=dict(max_model_len=256, max_num_seqs=2, max_num_batched_tokens=128), n_tokens=2,
                          peak=None)
-    assert row["model"] == "qwen2-0.5b" and row["quant_weights"] == "packed (8 projections)"
+    assert row["model"] == "qwen2-0.5b" and row["quant_weights"] == "packed (8 weights)"
     assert row["quantization"] == "random int4 group 32/64 asym"  # tiny widths 224 and 64: the largest group
     assert 0 < row["weights_GB"] < row["dense_weights_GB"]
     assert "over_dense" in row and row["target"] == "over_dense>=2.2"
