@@ -7,7 +7,7 @@ constant), a 32-row small step (split-K, 32-row tiles; SMALL_STEP_TYPES) and a 2
 with the most live tiles of the demo's types (scales, d, mins). K-quants at Qwen2-7B's down_proj (K 18944 = 74
 super-blocks: every Qwen2 K-quant K is a multiple of 256, so the specialisation is the same); the 32-value block
 types at Qwen2-0.5B's qkv (K 896, a bias), the demo model's own layout. The embedding lookup
-(kernels/gguf_embedding.py) of every type, in bf16.
+(kernels/gguf_embedding.py) of every type, in bf16, for 1, 8 and 16 tokens.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def gguf_variants(dtypes, cap: int | None = None) -> list:
                            torch.empty(k // 256, n, dtype=torch.float16) if f.has_min and f.super_rows else None,
                            k, n)
             for cp in [cap] if cap is not None else sorted(QUANT_SM_COUNT):
-                if dt == "bf16":  # the table lookup (kernels/gguf_embedding.py): 8 tokens; its shapes are runtime ints
-                    ids = torch.empty(8, dtype=torch.int64)
-                    _capture(out, ["gguf_embedding:gguf_embedding_kernel"], f"{dt} {qtype} embedding K={k}",
+                for t in (1, 8, 16) if dt == "bf16" else ():  # the table lookup (kernels/gguf_embedding.py): one
+                    ids = torch.empty(t, dtype=torch.int64)  # token (T=1 is a Triton constant), a few, 16 ('D')
+                    _capture(out, ["gguf_embedding:gguf_embedding_kernel"], f"{dt} {qtype} embedding T={t} K={k}",
                              lambda: gguf_embedding(ids, w, torch.bfloat16))
                 for m in ((1, 32, 256) if qtype in SMALL_STEP_TYPES else (1, 256)):
                     x = torch.empty(m, k, dtype=tdt[dt])

@@ -5,7 +5,7 @@ vocabulary in that layout, so a token's row is one column of every field, rebuil
 ``dequant_tile`` with the token ids as the columns. Every value is computed as gguf.quants computes it and rounded
 once to the output dtype, so the lookup equals F.embedding on the table dequantized at load, bit for bit (no sum is
 involved). A step reads ids x K values of the table (for a decode step, a few KB), where a dense table would also
-have to be resident at 16 bits: for Qwen2-7B's Q4_K token_embd, 0.31 GB instead of 1.09 GB.
+have to be resident at 16 bits: for Qwen2-7B's Q4_K token_embd, 0.32 GB instead of 1.09 GB.
 
 Grid (cdiv(T, BLOCK_T), cdiv(K, BLOCK_K)); an id outside [0, N) reads nothing and writes zeros (the engine never
 passes one: prompt ids are checked against the vocabulary on the host, and a device-side check would need a sync).

@@ -144,6 +144,13 @@ def pack_gguf_weight(qtype: str, codes: torch.Tensor, sub: torch.Tensor, sub_min
     n, k = codes.shape
     if k_offset and not (f.super_rows and k_offset % f.sub_rows == 0 and 0 < k_offset < f.super_rows):
         raise ValueError(f"{qtype}: k_offset {k_offset} must be whole sub-blocks inside one super-block")
+    rows = {"sub": (sub, k // f.sub_rows), "sub_min": (sub_min, k // 32),  # a scale for every value, no more
+            "sup": (sup, -(-(k_offset + k) // f.super_rows) if f.super_rows else 0),
+            "sup_min": (sup_min, -(-(k_offset + k) // f.super_rows) if f.super_rows else 0)}
+    for name, (t, want) in rows.items():
+        if t is not None and (k % f.sub_rows or t.shape[1] != want):
+            raise ValueError(f"{qtype}: {name} has {t.shape[1]} columns for {k} values (k_offset {k_offset}), "
+                             f"expected {want}")
     u = codes.t().contiguous()  # (K, N)
     lo = pack_rows(u & ((1 << f.lo_bits) - 1), f.lo_bits)
     hi = pack_rows(u >> 4, f.hi_bits) if f.hi_bits else None
@@ -159,6 +166,8 @@ def fuse_gguf(parts: list[GGUFWeight]) -> GGUFWeight | FusedGGUFWeight:
             runs[-1].append(p)
         else:
             runs.append([p])
+    if len({p.k_offset for p in parts}) > 1:
+        raise ValueError("parts of one fused projection must start at the same input column (k_offset)")
     merged = [r[0] if len(r) == 1 else replace(
         r[0], out_features=sum(p.out_features for p in r),
         **{f: torch.cat([getattr(p, f) for p in r], 1) for f in _TENSORS if getattr(r[0], f) is not None})

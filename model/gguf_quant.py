@@ -8,7 +8,7 @@ through the usual dequantize-at-load path (model/gguf_loader.py -> model/weights
 The lm_head and the embedding table stay quantized too when their types are ones the kernels read. The lm_head is
 the largest weight a decode step streams (Qwen2-0.5B: 151936 x 896, 272 MB in bf16, more than the 24 layers' kept
 projections together; the demo's output.weight is Q8_0, 145 MB). The table is looked up row by row from its blocks
-(kernels/gguf_embedding.py): it costs memory, not step time, and Qwen2-7B's Q4_K token_embd takes 0.31 GB instead
+(kernels/gguf_embedding.py): it costs memory, not step time, and Qwen2-7B's Q4_K token_embd takes 0.32 GB instead
 of 1.09 GB. A file without output.weight ties the lm_head to token_embd: the one packed table serves both.
 Under tensor parallelism each rank packs its slice of the raw blocks (``rank_fields``): rows for the
 column-parallel projections, the input columns of o_proj and down_proj. A row-parallel slice may start and end
@@ -47,7 +47,7 @@ def plan(tensors, num_layers: int, shard=None) -> tuple[dict[str, list[str]], li
     """(fused parameter -> its parts' HF names, for the tensors the kernels run from their blocks; the others'
     descriptions). The embedding table and the lm_head are among them when their types are ones the kernel reads,
     without tensor parallelism; a tied lm_head (no output.weight) is the table itself (model/qwen2.py ``lm_head``).
-    ``shard``: a tensor-parallel rank (model/sharding.py TPShard), whose slices must be whole blocks."""
+    ``shard``: a tensor-parallel rank (model/sharding.py TPShard), whose slices must be whole sub-blocks."""
     keep, dense = {}, []
     ends = [EMBEDDING] + ([LM_HEAD] if LM_HEAD in tensors.ggml_types else [])
     for name in ends:
@@ -181,7 +181,7 @@ def describe_gguf(path: str, dtype_bytes: int = 2) -> str:
     ends = " and ".join(x for x, name in (("the embedding" + (" (the tied lm_head)" if tied else ""), EMBEDDING),
                                           ("lm_head", LM_HEAD)) if name in keep)
     return (f"quantization: GGUF, {_size(os.path.getsize(path))} as stored; kernels triton: {len(kept)} tensors "
-            f"({types}; {ends or 'no embedding or lm_head'} among them) run from their blocks by gguf_linear: "
+            f"({types}; {ends or 'no embedding or lm_head'} among them) run from their blocks by the GGUF kernels: "
             f"{_size(stored)} in the file, {_size(gpu)} in the kernel layout ({_size(values * dtype_bytes)} "
             f"dequantized to 16-bit); {len(dense)} of other types dequantized at load"
             f"{': ' + ', '.join(dense[:3]) if dense else ''}; torch or quantization='none': all dequantized at load")

@@ -28,10 +28,10 @@ class EngineConfig:
         quantization: for a GPTQ / AWQ checkpoint (config.json quantization_config): "auto" keeps its projections
             packed and runs them through the Triton weight-only kernels (kernels/quant_linear.py) when kernels are
             Triton, and dequantizes them once at load to ``dtype`` with kernels=torch; "none" always dequantizes
-            at load. A GGUF file likewise: "auto" with Triton kernels keeps its projections and lm_head of the
-            types kernels/gguf_linear.py reads (Q8_0, Q6_K, Q5_K, Q4_K and the 32-value Q4/Q5 ones) in their blocks'
-            bits; other types, the embedding, and everything on the torch path or with "none", are dequantized at
-            load.
+            at load. A GGUF file likewise: "auto" with Triton kernels keeps its projections, lm_head and embedding
+            table of the types kernels/gguf_linear.py reads (Q8_0, Q6_K, Q5_K, Q4_K and the 32-value Q4/Q5 ones) in
+            their blocks' bits (the table and lm_head dense under tensor parallelism); other types, and everything
+            on the torch path or with "none", are dequantized at load.
         generation_config: "auto" takes temperature/top_p/top_k/repetition_penalty/min_p/max_new_tokens from the
             checkpoint's generation_config.json as defaults for SamplingParams fields left unset; "none" ignores it.
         max_model_len: longest prompt + output; defaults to the model's context (YaRN-extended if configured,

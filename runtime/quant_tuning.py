@@ -68,10 +68,13 @@ def launch_of(m: int) -> str:
 
 
 def quant_shapes(params) -> dict[QuantShape, QuantWeight | GGUFWeight]:
-    """The distinct shapes of a model's quantized projections (``model.params`` values), each with one weight of it
-    (fused projections count per part: each part is its own launch)."""
+    """The distinct shapes of a model's quantized linears (``model.params`` values), each with one weight of it
+    (fused projections count per part: each part is its own launch). A packed embedding table counts only when it
+    is the (tied) lm_head: otherwise it is looked up, never multiplied."""
     out: dict = {}
-    for w in params.values():
+    for name, w in params.items():
+        if name == "model.embed_tokens.weight" and "lm_head.weight" in params:
+            continue
         for p in (w.parts if isinstance(w, (FusedQuantWeight, FusedGGUFWeight)) else (w,)):
             if isinstance(p, (QuantWeight, GGUFWeight)):
                 out.setdefault(shape_of(p), p)
@@ -159,8 +162,8 @@ def random_weight(shape: QuantShape, device: torch.device) -> QuantWeight | GGUF
         f = FORMATS[shape.format]
         return GGUFWeight(f.name, words(f.lo_bits), words(f.hi_bits) if f.hi_bits else None,
                           small(k // f.sub_rows, f.sub_dtype), small(k // 32, f.min_dtype) if f.has_min else None,
-                          small(k // 256) if f.super_rows else None,
-                          small(k // 256) if f.has_min and f.super_rows else None, k, n)
+                          small(-(-k // 256)) if f.super_rows else None,
+                          small(-(-k // 256)) if f.has_min and f.super_rows else None, k, n)
     groups = k // shape.group
     zeros = small(groups) if "+zeros" in shape.format else None
     perm = torch.randperm(k, generator=g, device=device).to(torch.int32) if "+perm" in shape.format else None
@@ -205,10 +208,12 @@ def checkpoint_shapes(path: str) -> list[QuantShape]:
     if not is_gguf_file(path):
         return []
     from qwen2_triton.model.gguf_loader import load_gguf
-    from qwen2_triton.model.gguf_quant import plan
+    from qwen2_triton.model.gguf_quant import EMBEDDING, LM_HEAD, plan
 
     g = load_gguf(path, progress=False)
     keep, _ = plan(g.tensors, g.config["num_hidden_layers"])
+    if LM_HEAD in keep:  # a separate lm_head: the table is looked up, never multiplied
+        keep.pop(EMBEDDING, None)
     out = []
     for names in keep.values():
         runs: list[list] = []  # [qtype, N, K] per run of one type, as kernels/gguf_linear.py fuse_gguf merges them

@@ -20,7 +20,8 @@ def test_variants_cover_every_type_with_fusion_off():
          for m, tiles in ((1, ("16x128x128w8s3", "16x64x64w4s4")), (32, ("32x64x64w4s3",)),
                           (256, ("128x128x64w8s3", "64x64x64w4s3")))
          for t in tiles} | \
-        {f"bf16 {q} embedding K={896 if q in ('Q8_0', 'Q5_0', 'Q4_0', 'Q5_1', 'Q4_1') else 18944}" for q in FORMATS}
+        {f"bf16 {q} embedding T={t} K={896 if FORMATS[q].super_rows == 0 else 18944}" for q in FORMATS
+         for t in (1, 8, 16)}
     assert all(dict(v.options) == {"enable_fp_fusion": False} for v in vs)
 
 
@@ -32,7 +33,7 @@ def test_gguf_variants_compile_without_spills(capfd, tmp_path):
     rows = [r for r in out.splitlines() if r.startswith("gguf_linear_kernel")]
     assert len(rows) == 78 and all(r.rstrip().endswith("ok") for r in rows), out
     lookups = [r for r in out.splitlines() if r.startswith("gguf_embedding_kernel")]
-    assert len(lookups) == 2 * len(FORMATS) and all(r.rstrip().endswith("ok") for r in lookups), out
+    assert len(lookups) == 2 * 3 * len(FORMATS) and all(r.rstrip().endswith("ok") for r in lookups), out
     q4k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q4_K*.ptx"))
     assert len(q4k) == 22  # the default and candidate tiles at M=1, 32 and 256, bf16 and fp16, two archs
     q5k = glob.glob(os.path.join(tmp_path, "gguf_linear_kernel_*Q5_K*.ptx"))

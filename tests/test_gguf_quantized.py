@@ -177,6 +177,9 @@ def test_lm_head_and_embedding_stay_quantized(tmp_path, demo_blocks, head, tied,
     assert (lm is emb) == tied and ("lm_head.weight" in P) != tied
     assert isinstance(emb, GGUFWeight if (tied or embd is not None) else torch.Tensor)
     from qwen2_triton.bench.e2e import weight_bytes  # a decode step reads the lm_head, one row of the table per token
+    from qwen2_triton.runtime.quant_tuning import quant_shapes  # a table only looked up is not tuned as a linear
+
+    assert any(w is emb for w in quant_shapes(P).values()) == tied
 
     assert weight_bytes(tri) == sum(p.nbytes for p in P.values()) - (0 if tied else emb.nbytes)
     ref_llm = llm(path, "torch")
@@ -255,7 +258,7 @@ def test_env_names_the_gguf_types_and_bytes(tiny):
     line = describe_quantization(tiny)
     assert line.startswith("quantization: GGUF")
     assert "14 tensors (Q4_K x5, Q5_0 x4, Q6_K x3, Q8_0 x2; no embedding or lm_head among them) run from their " \
-           "blocks by gguf_linear" in line
+           "blocks by the GGUF kernels" in line
     assert "2 of other types dequantized at load: embed_tokens (F32), lm_head (F32)" in line
 
 

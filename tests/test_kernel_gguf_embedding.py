@@ -37,7 +37,7 @@ def test_rows_equal_the_files_values(qtype, dtype, device):
 
 
 def test_real_blocks_and_int32_ids(demo_tensors, device):
-    """Real Q6_K blocks of the demo model, int32 ids as the graph passes them."""
+    """Real Q6_K blocks of the demo model, and int32 ids (the engine passes int64; both are accepted)."""
     w, dense = weight(real_blocks(demo_tensors, "Q6_K", 40, 512), "Q6_K")
     ids = _ids(40, 19, seed=2).to(torch.int32).to(device)
     got = gguf_embedding(ids, w.to(device), torch.bfloat16)

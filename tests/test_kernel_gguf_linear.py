@@ -192,3 +192,15 @@ def test_bad_inputs(device):
         pack_gguf_weight("Q3_K", torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1).half())
     with pytest.raises(ValueError, match="whole 144-byte blocks"):
         unpack_blocks(np.zeros((4, 100), dtype=np.uint8), "Q4_K")
+    # a slice of the input dim must carry a scale for every value (model/gguf_quant.py rank_fields)
+    with pytest.raises(ValueError, match="sub has 1 columns for 48 values"):
+        pack_gguf_weight("Q8_0", torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 1).half())
+    f = unpack_blocks(random_blocks("Q4_K", 4, 512, seed=0), "Q4_K")
+    with pytest.raises(ValueError, match="sup has 2 columns for 320 values \\(k_offset 224\\), expected 3"):
+        pack_gguf_weight("Q4_K", f.codes[:, :320], f.sub[:, :10], f.sub_min[:, :10], f.sup, f.sup_min, k_offset=224)
+    parts = [pack_gguf_weight("Q4_K", f.codes[:, 32:288], f.sub[:, 1:9], f.sub_min[:, 1:9], f.sup, f.sup_min,
+                              k_offset=o) for o in (32, 32)]
+    fuse_gguf(parts)
+    with pytest.raises(ValueError, match="same input column"):
+        fuse_gguf([parts[0], pack_gguf_weight("Q4_K", f.codes[:, :256], f.sub[:, :8], f.sub_min[:, :8], f.sup[:, :1],
+                                              f.sup_min[:, :1])])
