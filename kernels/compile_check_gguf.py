@@ -36,13 +36,8 @@ def gguf_variants(dtypes, cap: int | None = None) -> list:
         for qtype in GGUF_DTYPES.get(dt, ()):
             f = FORMATS[qtype]
             k, n, bias = GGUF_SHAPES[qtype]
-            w = GGUFWeight(qtype, torch.empty(k * f.lo_bits // 32, n, dtype=torch.int32),
-                           torch.empty(k * f.hi_bits // 32, n, dtype=torch.int32) if f.hi_bits else None,
-                           torch.empty(k // f.sub_rows, n, dtype=f.sub_dtype),
-                           torch.empty(k // 32, n, dtype=f.min_dtype) if f.has_min else None,
-                           torch.empty(k // 256, n, dtype=torch.float16) if f.super_rows else None,
-                           torch.empty(k // 256, n, dtype=torch.float16) if f.has_min and f.super_rows else None,
-                           k, n)
+            w = GGUFWeight(qtype, **{name: None if spec is None else torch.empty(spec[0], n, dtype=spec[1])
+                                     for name, spec in f.field_rows(k).items()}, in_features=k, out_features=n)
             for cp in [cap] if cap is not None else sorted(QUANT_SM_COUNT):
                 for t in (1, 8, 16) if dt == "bf16" else ():  # the table lookup (kernels/gguf_embedding.py): one
                     ids = torch.empty(t, dtype=torch.int64)  # token (T=1 is a Triton constant), a few, 16 ('D')

@@ -63,6 +63,18 @@ class GGUFFormat:
         """The ``sub_min`` field's: a K-quant's 6-bit m as a byte, or a 32-value block's fp16 m."""
         return torch.uint8 if self.super_rows else torch.float16
 
+    def field_rows(self, k: int, k_offset: int = 0) -> dict:
+        """GGUFWeight field -> (rows along the input dim, dtype) for ``k`` values starting ``k_offset`` into a
+        super-block, or None where the type has no such field: the layout's one definition (the packer checks
+        against it, the tuner's random weights and the compile check build from it)."""
+        sup = -(-(k_offset + k) // self.super_rows) if self.super_rows else 0
+        return {"lo": (k * self.lo_bits // 32, torch.int32),
+                "hi": (k * self.hi_bits // 32, torch.int32) if self.hi_bits else None,
+                "sub": (k // self.sub_rows, self.sub_dtype),
+                "sub_min": (k // 32, self.min_dtype) if self.has_min else None,
+                "sup": (sup, torch.float16) if self.super_rows else None,
+                "sup_min": (sup, torch.float16) if self.has_min and self.super_rows else None}
+
     @property
     def bits_per_weight(self) -> float:
         scale_bits = 16 if self.super_rows == 0 else 8  # fp16 d per block; byte-wide sc (and m) per sub-block
@@ -144,13 +156,11 @@ def pack_gguf_weight(qtype: str, codes: torch.Tensor, sub: torch.Tensor, sub_min
     n, k = codes.shape
     if k_offset and not (f.super_rows and k_offset % f.sub_rows == 0 and 0 < k_offset < f.super_rows):
         raise ValueError(f"{qtype}: k_offset {k_offset} must be whole sub-blocks inside one super-block")
-    rows = {"sub": (sub, k // f.sub_rows), "sub_min": (sub_min, k // 32),  # a scale for every value, no more
-            "sup": (sup, -(-(k_offset + k) // f.super_rows) if f.super_rows else 0),
-            "sup_min": (sup_min, -(-(k_offset + k) // f.super_rows) if f.super_rows else 0)}
-    for name, (t, want) in rows.items():
-        if t is not None and (k % f.sub_rows or t.shape[1] != want):
+    layout = f.field_rows(k, k_offset)  # a scale for every value, no more
+    for name, t in (("sub", sub), ("sub_min", sub_min), ("sup", sup), ("sup_min", sup_min)):
+        if t is not None and (k % f.sub_rows or layout[name] is None or t.shape[1] != layout[name][0]):
             raise ValueError(f"{qtype}: {name} has {t.shape[1]} columns for {k} values (k_offset {k_offset}), "
-                             f"expected {want}")
+                             f"expected {layout[name] and layout[name][0]}")
     u = codes.t().contiguous()  # (K, N)
     lo = pack_rows(u & ((1 << f.lo_bits) - 1), f.lo_bits)
     hi = pack_rows(u >> 4, f.hi_bits) if f.hi_bits else None

@@ -149,9 +149,8 @@ def random_weight(shape: QuantShape, device: torch.device) -> QuantWeight | GGUF
     g = torch.Generator(device=device).manual_seed(1)
     n, k = shape.n, shape.k
 
-    def words(rows_per_word_bits: int):
-        return torch.randint(-2 ** 31, 2 ** 31 - 1, (k * rows_per_word_bits // 32, n), generator=g, device=device,
-                             dtype=torch.int32)
+    def words(rows: int):
+        return torch.randint(-2 ** 31, 2 ** 31 - 1, (rows, n), generator=g, device=device, dtype=torch.int32)
 
     def small(rows, dt=torch.float16):
         if dt.is_floating_point:
@@ -160,14 +159,14 @@ def random_weight(shape: QuantShape, device: torch.device) -> QuantWeight | GGUF
 
     if shape.kernel == "gguf_linear":
         f = FORMATS[shape.format]
-        return GGUFWeight(f.name, words(f.lo_bits), words(f.hi_bits) if f.hi_bits else None,
-                          small(k // f.sub_rows, f.sub_dtype), small(k // 32, f.min_dtype) if f.has_min else None,
-                          small(-(-k // 256)) if f.super_rows else None,
-                          small(-(-k // 256)) if f.has_min and f.super_rows else None, k, n)
+        fields = {name: None if spec is None else words(spec[0]) if spec[1] == torch.int32 else small(*spec)
+                  for name, spec in f.field_rows(k).items()}
+        return GGUFWeight(f.name, **fields, in_features=k, out_features=n)
     groups = k // shape.group
     zeros = small(groups) if "+zeros" in shape.format else None
     perm = torch.randperm(k, generator=g, device=device).to(torch.int32) if "+perm" in shape.format else None
-    return QuantWeight(words(shape.bits), small(groups), zeros, -1 if zeros is not None else 2 ** (shape.bits - 1),
+    zero = -1 if zeros is not None else 2 ** (shape.bits - 1)
+    return QuantWeight(words(k * shape.bits // 32), small(groups), zeros, zero,
                        perm, shape.bits, shape.group, k, n)
 
 
