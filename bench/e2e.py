@@ -108,9 +108,11 @@ def bench_tokenizer():
 
 def weight_bytes(llm) -> int:
     """Bytes a decode step reads: every parameter (a quantized projection's packed bytes), one embedding row
-    aside, unless the embedding is the lm_head (tied: no lm_head.weight, model/qwen2.py)."""
+    aside, unless the embedding is the lm_head (model/qwen2.py ``lm_head_name``)."""
+    from qwen2_triton.model.qwen2 import lm_head_name
+
     P = llm.model.params
-    return sum(p.nbytes for n, p in P.items() if n != "model.embed_tokens.weight" or "lm_head.weight" not in P)
+    return sum(p.nbytes for n, p in P.items() if n != "model.embed_tokens.weight" or lm_head_name(P) == n)
 
 
 def _sync(device):

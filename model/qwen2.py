@@ -38,6 +38,12 @@ def parameter_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def lm_head_name(params) -> str:
+    """Which parameter the logits are computed with: lm_head.weight, or the embedding when tied (no lm_head.weight;
+    either may be a quantized weight). The one rule for the graph, tuning and byte counts."""
+    return "lm_head.weight" if "lm_head.weight" in params else "model.embed_tokens.weight"
+
+
 class Qwen2Model:
     """Parameters in a flat dict plus a forward over a packed batch; no autograd, no nn.Module machinery."""
 
@@ -64,9 +70,8 @@ class Qwen2Model:
 
     @property
     def lm_head(self) -> torch.Tensor:
-        """The output projection: lm_head.weight, or the embedding when tied (either may be a quantized weight)."""
-        P = self.params
-        return P["lm_head.weight"] if "lm_head.weight" in P else P["model.embed_tokens.weight"]
+        """The output projection (``lm_head_name``)."""
+        return self.params[lm_head_name(self.params)]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

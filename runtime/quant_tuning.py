@@ -71,9 +71,11 @@ def quant_shapes(params) -> dict[QuantShape, QuantWeight | GGUFWeight]:
     """The distinct shapes of a model's quantized linears (``model.params`` values), each with one weight of it
     (fused projections count per part: each part is its own launch). A packed embedding table counts only when it
     is the (tied) lm_head: otherwise it is looked up, never multiplied."""
+    from qwen2_triton.model.qwen2 import lm_head_name
+
     out: dict = {}
     for name, w in params.items():
-        if name == "model.embed_tokens.weight" and "lm_head.weight" in params:
+        if name == "model.embed_tokens.weight" and lm_head_name(params) != name:
             continue
         for p in (w.parts if isinstance(w, (FusedQuantWeight, FusedGGUFWeight)) else (w,)):
             if isinstance(p, (QuantWeight, GGUFWeight)):
